@@ -1,0 +1,726 @@
+"""HiCMAE: Hierarchical Contrastive Masked Autoencoder for audio-visual emotion recognition.
+
+One file, in the order of the paper (Sun et al., Information Fusion 2024):
+  0. configuration and the T/S/B sizes
+  1. building blocks: sinusoidal positions, attention (Eq. 2, 4), Transformer layers (Eq. 1, 5-7)
+  2. modality-specific encoders (Sec. 3.1.1) and the cross-modal fusion encoder (Sec. 3.1.2, Eq. 5-6)
+  3. decoders with hierarchical skip connections (Sec. 3.1.3, Eq. 7)
+  4. the pre-training model, its targets and losses (Eq. 8-11)
+  5. the fine-tuning model with hierarchical feature fusion (Sec. 3.4, Eq. 12)
+  6. optimiser groups, size and cost accounting
+  7. loading checkpoints, ours and the authors' released ones
+
+`python model.py` prints the parameters and multiply-accumulates of every size.
+"""
+
+import argparse
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FUSION_FLOWS = ("default", "raw-input", "video-first", "audio-first")
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. Configuration
+
+@dataclass
+class HiCMAEConfig:
+    # inputs: video (3, num_frames, img_size, img_size), audio (1, audio_frames, mel_bins)
+    img_size: int = 160
+    num_frames: int = 16
+    tubelet_size: int = 2
+    patch_size: int = 16
+    audio_frames: int = 256
+    mel_bins: int = 128
+    # encoders: width C, heads H, Ns modality-specific layers, Nf fusion layers
+    dim: int = 512
+    heads: int = 8
+    depth: int = 10
+    fusion_depth: int = 2
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    fusion_flow: str = "default"
+    # decoders: width Cd, heads, Nd layers; selected encoder layers (0-based) for skips and HCMCL
+    decoder_dim: int = 384
+    decoder_heads: int = 6
+    decoder_depth: int = 4
+    inter_layers: tuple = (3, 6, 9)
+    skip_connections: bool = True
+    # pre-training objective
+    video_mask_ratio: float = 0.9
+    audio_mask_ratio: float = 0.8
+    temperature: float = 0.07
+    hcmcl_weight: float = 0.0025
+    normalize_target: bool = True
+    frame_diff_target: bool = True
+    # fine-tuning
+    hierarchical_fusion: bool = True
+
+    def __post_init__(self):
+        self.inter_layers = tuple(int(i) for i in self.inter_layers)
+        assert self.fusion_flow in FUSION_FLOWS, f"fusion_flow must be one of {FUSION_FLOWS}"
+        assert all(0 <= i < self.depth for i in self.inter_layers), "inter_layers must index encoder blocks"
+        assert len(set(self.inter_layers)) == len(self.inter_layers), "inter_layers must be distinct"
+        if self.skip_connections:
+            assert len(self.inter_layers) == self.decoder_depth - 1, \
+                "one selected encoder layer per decoder layer after the first"
+        assert self.img_size % self.patch_size == 0 and self.num_frames % self.tubelet_size == 0
+        assert self.audio_frames % self.patch_size == 0 and self.mel_bins % self.patch_size == 0
+
+    @property
+    def video_grid(self):  # (temporal, spatial) token counts
+        return self.num_frames // self.tubelet_size, (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_video_tokens(self):
+        t, s = self.video_grid
+        return t * s
+
+    @property
+    def num_audio_tokens(self):
+        return (self.audio_frames // self.patch_size) * (self.mel_bins // self.patch_size)
+
+    @property
+    def num_visible(self):  # visible tokens per modality during pre-training (SPEC 2: masking)
+        t, s = self.video_grid
+        return t * (s - int(self.video_mask_ratio * s)), self.num_audio_tokens - int(self.audio_mask_ratio * self.num_audio_tokens)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a saved dict, ignoring keys this version does not know."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+SIZES = {  # HiCMAE-T / S / B (paper Sec. 4.1); the authors publish no decoder for T, 128/2 is ours
+    "tiny": dict(dim=256, heads=4, decoder_dim=128, decoder_heads=2),
+    "small": dict(dim=384, heads=6, decoder_dim=192, decoder_heads=3),
+    "base": dict(dim=512, heads=8, decoder_dim=384, decoder_heads=6),
+}
+
+
+def make_config(size="base", **overrides):
+    """A named size with any field overridden, e.g. make_config("tiny", img_size=64)."""
+    return HiCMAEConfig(**{**SIZES[size], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Building blocks
+
+def sincos_table(num_positions, dim):
+    """Fixed sinusoidal positions: angle = p / 10000^(2*floor(j/2)/dim); sin on even, cos on odd channels."""
+    pos = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)[None, :]
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float()[None]  # (1, N, dim)
+
+
+def gather_tokens(x, ids):
+    """x (B, N, C), ids (B, K) -> (B, K, C)."""
+    return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def split_mask(mask):
+    """Boolean mask (B, N), True = masked -> (visible ids, masked ids), each in increasing token order."""
+    num_masked = int(mask[0].sum())
+    ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+    return ids[:, : mask.shape[1] - num_masked], ids[:, mask.shape[1] - num_masked:]
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class SelfAttention(nn.Module):
+    """MHSA (Eq. 2). One qkv projection; q and v carry a bias, k none (a k-bias cannot change softmax)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C/H)) v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    """MHCA (Eq. 4): queries from the target tokens, keys and values from the source tokens."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, ctx):
+        (B, N, C), M = x.shape, ctx.shape[1]
+        q = F.linear(x, self.q.weight, self.q_bias).view(B, N, self.heads, C // self.heads).transpose(1, 2)
+        kv_bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
+        k, v = F.linear(ctx, self.kv.weight, kv_bias).view(B, M, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    """FFN (Eq. 3): Linear, exact GELU, Linear."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def layer_norm(dim):
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer layer (Eq. 1): x += MHSA(LN x); x += FFN(LN x)."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.drop_path = drop_path
+        self.norm1 = layer_norm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = layer_norm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class CrossBlock(Block):
+    """MHCA then MHSA then FFN (Eq. 5-7): x += MHCA(LN x, LN ctx), then a Block."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__(dim, heads, mlp_ratio, drop_path)
+        self.norm_q = layer_norm(dim)
+        self.norm_ctx = layer_norm(dim)
+        self.cross_attn = CrossAttention(dim, heads)
+
+    def forward(self, x, ctx):
+        x = x + drop_path(self.cross_attn(self.norm_q(x), self.norm_ctx(ctx)), self.drop_path, self.training)
+        return super().forward(x)
+
+
+def drop_path_rates(rate, depth):
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]  # linear from 0 to rate
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Encoders
+
+class Encoder(nn.Module):
+    """Modality-specific encoder (Sec. 3.1.1): patch embedding, fixed sinusoidal positions, Ns layers, LN.
+
+    Video: Conv3d with kernel = stride = (tubelet, patch, patch), tokens in (t, row, column) order.
+    Audio: Conv2d with kernel = stride = patch over the (time, frequency) log-Mel, tokens in (time, freq) order.
+    """
+
+    def __init__(self, cfg, modality):
+        super().__init__()
+        p = cfg.patch_size
+        if modality == "video":
+            self.patch_embed = nn.Conv3d(3, cfg.dim, (cfg.tubelet_size, p, p), stride=(cfg.tubelet_size, p, p))
+            num_tokens = cfg.num_video_tokens
+        else:
+            self.patch_embed = nn.Conv2d(1, cfg.dim, p, stride=p)
+            num_tokens = cfg.num_audio_tokens
+        self.register_buffer("pos_embed", sincos_table(num_tokens, cfg.dim), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, r)
+                                    for r in drop_path_rates(cfg.drop_path, cfg.depth))
+        self.norm = layer_norm(cfg.dim)
+
+    def forward(self, x, visible_ids=None, return_layers=()):
+        """Returns norm(output) and norm(output of block j) for j in return_layers (0-based)."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        if visible_ids is not None:  # pre-training: only the visible tokens, in their original order
+            x = gather_tokens(x, visible_ids)
+        layers = []
+        for j, block in enumerate(self.blocks):
+            x = block(x)
+            if j in return_layers:
+                layers.append(self.norm(x))  # intermediate features share the final norm
+        return self.norm(x), layers
+
+
+class FusionEncoder(nn.Module):
+    """Cross-modal fusion encoder (Sec. 3.1.2): Nf layers of MHCA + MHSA + FFN per modality."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        rates = drop_path_rates(cfg.drop_path, cfg.fusion_depth)
+        self.flow = cfg.fusion_flow
+        self.video_blocks = nn.ModuleList(CrossBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, r) for r in rates)
+        self.audio_blocks = nn.ModuleList(CrossBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, r) for r in rates)
+        self.video_norm = layer_norm(cfg.dim)
+        self.audio_norm = layer_norm(cfg.dim)
+
+    def forward(self, v, a):
+        v_in, a_in = v, a
+        for video_block, audio_block in zip(self.video_blocks, self.audio_blocks):
+            if self.flow == "default":  # Eq. 5-6: both from the inputs of this layer
+                v, a = video_block(v, a), audio_block(a, v)
+            elif self.flow == "raw-input":  # always attend to the other modality's encoder output
+                v, a = video_block(v, a_in), audio_block(a, v_in)
+            elif self.flow == "video-first":
+                v = video_block(v, a)
+                a = audio_block(a, v)
+            else:  # audio-first
+                a = audio_block(a, v)
+                v = video_block(v, a)
+        return self.video_norm(v), self.audio_norm(a)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Decoders with hierarchical skip connections
+
+class Decoder(nn.Module):
+    """Lightweight decoder (Sec. 3.1.3). Layer 1 is a Block; layers 2..Nd are CrossBlocks attending to
+    selected encoder layers, deepest first (U-Net order, as the released weights were trained, Eq. 7)."""
+
+    def __init__(self, cfg, num_tokens, out_dim):
+        super().__init__()
+        d = cfg.decoder_dim
+        self.embed = nn.Linear(cfg.dim, d, bias=False)  # encoder_to_decoder, shared by the skips
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        self.register_buffer("pos_embed", sincos_table(num_tokens, d), persistent=False)
+        rates = drop_path_rates(cfg.drop_path, cfg.decoder_depth)
+        layer = CrossBlock if cfg.skip_connections else Block
+        self.blocks = nn.ModuleList([Block(d, cfg.decoder_heads, cfg.mlp_ratio, rates[0])] +
+                                    [layer(d, cfg.decoder_heads, cfg.mlp_ratio, r) for r in rates[1:]])
+        self.norm = layer_norm(d)
+        self.head = nn.Linear(d, out_dim)
+
+    def forward(self, x, skips, visible_ids, masked_ids):
+        pos = self.pos_embed[0]
+        pos_visible, pos_masked = pos[visible_ids], pos[masked_ids]
+        x = torch.cat([self.embed(x) + pos_visible, self.mask_token + pos_masked], dim=1)
+        skips = [self.embed(s) + pos_visible for s in reversed(skips)]
+        for k, block in enumerate(self.blocks):
+            x = block(x, skips[k - 1]) if isinstance(block, CrossBlock) else block(x)
+        return self.head(self.norm(x[:, -masked_ids.shape[1]:]))  # the masked tokens only
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Pre-training model, targets and losses
+
+class HiCMAE(nn.Module):
+    """The pre-training model. forward(video, audio, video_mask, audio_mask) with masks True = masked."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.video_encoder = Encoder(cfg, "video")
+        self.audio_encoder = Encoder(cfg, "audio")
+        self.fusion = FusionEncoder(cfg) if cfg.fusion_depth > 0 else None
+        p = cfg.patch_size
+        self.video_decoder = Decoder(cfg, cfg.num_video_tokens, cfg.tubelet_size * p * p * 3)
+        self.audio_decoder = Decoder(cfg, cfg.num_audio_tokens, p * p)
+        init_weights(self)
+
+    def forward(self, video, audio, video_mask, audio_mask):
+        cfg = self.cfg
+        v_visible, v_masked = split_mask(video_mask)
+        a_visible, a_masked = split_mask(audio_mask)
+        needs_layers = cfg.skip_connections or cfg.hcmcl_weight > 0
+        layers = cfg.inter_layers if needs_layers else ()
+        v, v_layers = self.video_encoder(video, v_visible, layers)
+        a, a_layers = self.audio_encoder(audio, a_visible, layers)
+        # HCMCL embeddings (Eq. 9): mean over visible tokens of each selected layer, L2-normalised
+        video_emb = torch.stack([F.normalize(f.mean(1), dim=-1) for f in v_layers]) if v_layers else None
+        audio_emb = torch.stack([F.normalize(f.mean(1), dim=-1) for f in a_layers]) if a_layers else None
+        if self.fusion is not None:
+            v, a = self.fusion(v, a)
+        skips_v, skips_a = (v_layers, a_layers) if cfg.skip_connections else ([], [])
+        return dict(video_pred=self.video_decoder(v, skips_v, v_visible, v_masked),
+                    audio_pred=self.audio_decoder(a, skips_a, a_visible, a_masked),
+                    video_emb=video_emb, audio_emb=audio_emb)
+
+
+def patchify_video(video, cfg):
+    """(B, 3, T, H, W) -> (B, N, tubelet*p*p, 3), pixels of each token in (frame, row, column) order."""
+    B, C, T, H, W = video.shape
+    t, p = cfg.tubelet_size, cfg.patch_size
+    x = video.reshape(B, C, T // t, t, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(B, -1, t * p * p, C)
+
+
+def unpatchify_video(patches, cfg):
+    """Inverse of patchify_video: (B, N, tubelet*p*p*3) -> (B, 3, T, H, W)."""
+    B = patches.shape[0]
+    t, p, g = cfg.tubelet_size, cfg.patch_size, cfg.img_size // cfg.patch_size
+    x = patches.reshape(B, cfg.num_frames // t, g, g, t, p, p, 3).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(B, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+
+
+def patchify_audio(audio, cfg):
+    """(B, 1, T, F) -> (B, N, p*p), tokens in (time, frequency) order."""
+    B, _, T, Fq = audio.shape
+    p = cfg.patch_size
+    return audio.reshape(B, T // p, p, Fq // p, p).permute(0, 1, 3, 2, 4).reshape(B, -1, p * p)
+
+
+def unpatchify_audio(patches, cfg):
+    B, p = patches.shape[0], cfg.patch_size
+    x = patches.reshape(B, cfg.audio_frames // p, cfg.mel_bins // p, p, p).permute(0, 1, 3, 2, 4)
+    return x.reshape(B, 1, cfg.audio_frames, cfg.mel_bins)
+
+
+def normalize_patches(x):
+    """Per token (and channel): zero mean, unit unbiased std over its pixels (dim -2)."""
+    return (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+
+
+def reconstruction_targets(video, audio, video_mask, audio_mask, cfg):
+    """Targets of the masked tokens (Eq. 8), in increasing token order."""
+    mean = video.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+    std = video.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    v = patchify_video(video * std + mean, cfg)  # pixels back in [0, 1]
+    if cfg.normalize_target:
+        v = normalize_patches(v)
+    if cfg.frame_diff_target:  # appearance of the first frame, motion (frame difference) for the rest
+        B, N, _, C = v.shape
+        v = v.reshape(B, N, cfg.tubelet_size, -1, C)
+        v = torch.cat([v[:, :, :1], v[:, :, 1:] - v[:, :, :1]], dim=2)
+    v = v.reshape(v.shape[0], v.shape[1], -1)
+    a = patchify_audio(audio, cfg)
+    if cfg.normalize_target:
+        a = normalize_patches(a[..., None])[..., 0]
+    return gather_tokens(v, split_mask(video_mask)[1]), gather_tokens(a, split_mask(audio_mask)[1])
+
+
+def hcmcl_loss(video_emb, audio_emb, temperature, gather=False):
+    """HCMCL (Eq. 9-10): symmetric InfoNCE per selected layer, summed over layers.
+
+    video_emb, audio_emb: (L, B, C), L2-normalised. With gather=True the negatives come from every
+    rank (differentiable all_gather); otherwise from the local batch, as the authors.
+    Returns the loss and the retrieval accuracy of each layer (L,)."""
+    B = video_emb.shape[1]
+    labels = torch.arange(B, device=video_emb.device)
+    audio_all, video_all = audio_emb, video_emb
+    if gather:
+        import torch.distributed.nn.functional as dist_fn
+        audio_all = torch.cat(dist_fn.all_gather(audio_emb), dim=1)
+        video_all = torch.cat(dist_fn.all_gather(video_emb), dim=1)
+        labels = labels + torch.distributed.get_rank() * B
+    logits_v = video_emb @ audio_all.transpose(1, 2) / temperature  # (L, B, B_all)
+    logits_a = audio_emb @ video_all.transpose(1, 2) / temperature
+    loss = sum(0.5 * (F.cross_entropy(lv, labels) + F.cross_entropy(la, labels))
+               for lv, la in zip(logits_v, logits_a))
+    with torch.no_grad():
+        acc = 0.5 * ((logits_v.argmax(-1) == labels).float().mean(-1) + (logits_a.argmax(-1) == labels).float().mean(-1))
+    return loss, acc
+
+
+def pretrain_loss(out, video, audio, video_mask, audio_mask, cfg, gather=False):
+    """L = MSE_video + MSE_audio + lambda * HCMCL (Eq. 8, 11). Returns a dict of the parts."""
+    video_target, audio_target = reconstruction_targets(video, audio, video_mask, audio_mask, cfg)
+    loss_video = F.mse_loss(out["video_pred"].float(), video_target)
+    loss_audio = F.mse_loss(out["audio_pred"].float(), audio_target)
+    loss = loss_video + loss_audio
+    parts = dict(loss_video=loss_video, loss_audio=loss_audio)
+    if cfg.hcmcl_weight > 0:
+        parts["loss_hcmcl"], parts["hcmcl_acc"] = hcmcl_loss(out["video_emb"].float(), out["audio_emb"].float(),
+                                                             cfg.temperature, gather)
+        loss = loss + cfg.hcmcl_weight * parts["loss_hcmcl"]
+    return dict(loss=loss, **parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Fine-tuning model with hierarchical feature fusion
+
+class HiCMAEClassifier(nn.Module):
+    """Encoders without masking, hierarchical feature fusion (Eq. 12), LayerNorm, linear head.
+
+    modality: "av" (feature [video, audio, fused video, fused audio], 4C), "audio" or "video" (C).
+    num_outputs: K classes or D regression targets."""
+
+    def __init__(self, cfg, modality="av", num_outputs=6):
+        super().__init__()
+        assert modality in ("av", "audio", "video")
+        self.cfg, self.modality = cfg, modality
+        self.video_encoder = Encoder(cfg, "video") if modality in ("av", "video") else None
+        self.audio_encoder = Encoder(cfg, "audio") if modality in ("av", "audio") else None
+        self.fusion = FusionEncoder(cfg) if modality == "av" and cfg.fusion_depth > 0 else None
+        if cfg.hierarchical_fusion:  # learnable layer weights, softmax-normalised, start uniform
+            if self.video_encoder is not None:
+                self.video_layer_weights = nn.Parameter(torch.full((cfg.depth,), 1.0 / cfg.depth))
+            if self.audio_encoder is not None:
+                self.audio_layer_weights = nn.Parameter(torch.full((cfg.depth,), 1.0 / cfg.depth))
+        num_features = cfg.dim * (2 if modality == "av" else 1) * (2 if self.fusion is not None else 1)
+        self.fc_norm = layer_norm(num_features)
+        self.head = nn.Linear(num_features, num_outputs)
+        init_weights(self)
+
+    def unimodal(self, encoder, x, layer_weights):
+        """Normed last-layer tokens and the unimodal feature: sum_j softmax(w)_j mean(E_j) (Eq. 12)."""
+        if layer_weights is None:
+            last, _ = encoder(x)
+            return last, last.mean(1)
+        last, layers = encoder(x, return_layers=range(len(encoder.blocks)))
+        pooled = torch.stack([f.mean(1) for f in layers], dim=1)  # (B, Ns, C)
+        return last, (pooled * layer_weights.softmax(0)[None, :, None]).sum(1)
+
+    def forward_features(self, video=None, audio=None):
+        feats = []
+        if self.video_encoder is not None:
+            v, video_feature = self.unimodal(self.video_encoder, video, getattr(self, "video_layer_weights", None))
+            feats.append(video_feature)
+        if self.audio_encoder is not None:
+            a, audio_feature = self.unimodal(self.audio_encoder, audio, getattr(self, "audio_layer_weights", None))
+            feats.append(audio_feature)
+        if self.fusion is not None:
+            v, a = self.fusion(v, a)
+            feats += [v.mean(1), a.mean(1)]
+        return self.fc_norm(torch.cat(feats, dim=-1))
+
+    def forward(self, video=None, audio=None):
+        return self.head(self.forward_features(video, audio))
+
+    def num_layers(self):  # patch embeddings, Ns encoder layers, Nf fusion layers, the rest
+        return self.cfg.depth + (self.cfg.fusion_depth if self.fusion is not None else 0) + 2
+
+    def layer_id(self, name):
+        """Layer index for layer-wise learning-rate decay: 0 patch embeddings, j+1 encoder block j,
+        Ns+j+1 fusion layer j, num_layers()-1 everything else (norms, layer weights, fc_norm, head)."""
+        if ".patch_embed." in name:
+            return 0
+        m = re.match(r"(video|audio)_encoder\.blocks\.(\d+)\.", name)
+        if m:
+            return int(m.group(2)) + 1
+        m = re.match(r"fusion\.(video|audio)_blocks\.(\d+)\.", name)
+        if m:
+            return self.cfg.depth + int(m.group(2)) + 1
+        return self.num_layers() - 1
+
+
+def init_weights(model):
+    """Xavier-uniform linear layers with zero bias, unit LayerNorms (the authors' initialisation)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Optimiser groups, sizes and costs
+
+def param_groups(model, weight_decay, layer_decay=1.0):
+    """AdamW groups: weight decay on matrices only (not on biases, norms, mask tokens, layer weights);
+    with layer_decay < 1 (fine-tuning) each group carries lr_scale = layer_decay^(L-1-layer_id)."""
+    groups = {}
+    num_layers = model.num_layers() if layer_decay != 1.0 else 1
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and "mask_token" not in name
+        lid = model.layer_id(name) if layer_decay != 1.0 else 0
+        key = (lid, decay)
+        if key not in groups:
+            groups[key] = dict(params=[], weight_decay=weight_decay if decay else 0.0,
+                               lr_scale=layer_decay ** (num_layers - 1 - lid), layer_id=lid)
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def configure_optimizer(model, lr, weight_decay, betas, layer_decay=1.0, device_type="cpu"):
+    return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=betas,
+                             fused=device_type == "cuda")
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _block_macs(n, c, mlp_ratio):  # qkv + proj + FFN, and the two attention matmuls
+    return n * c * c * (4 + 2 * mlp_ratio) + 2 * n * n * c
+
+
+def _cross_block_macs(n, m, c, mlp_ratio):  # a Block plus q, kv, proj and attention over m source tokens
+    return _block_macs(n, c, mlp_ratio) + 2 * n * c * c + 2 * m * c * c + 2 * n * m * c
+
+
+def count_macs(cfg, model="av", num_outputs=6):
+    """Multiply-accumulates for one clip (matrix products and convolutions; norms and softmax are not counted).
+
+    model: "av", "audio", "video" (fine-tuning) or "pretrain" (with the configured mask ratios)."""
+    c, p, r = cfg.dim, cfg.patch_size, cfg.mlp_ratio
+    nv, na = cfg.num_video_tokens, cfg.num_audio_tokens
+    embed_v, embed_a = nv * 3 * cfg.tubelet_size * p * p * c, na * p * p * c  # every token, before masking
+    if model == "pretrain":
+        nv, na = cfg.num_visible
+    video = embed_v + cfg.depth * _block_macs(nv, c, r)
+    audio = embed_a + cfg.depth * _block_macs(na, c, r)
+    fusion = cfg.fusion_depth * (_cross_block_macs(nv, na, c, r) + _cross_block_macs(na, nv, c, r))
+    if model == "video":
+        return video + c * num_outputs
+    if model == "audio":
+        return audio + c * num_outputs
+    feature = c * 2 * (2 if cfg.fusion_depth > 0 else 1)
+    if model == "av":
+        return video + audio + fusion + feature * num_outputs
+    d, skips = cfg.decoder_dim, (cfg.decoder_depth - 1 if cfg.skip_connections else 0)
+    decoders = 0
+    for n_vis, n_all, out in ((nv, cfg.num_video_tokens, 3 * cfg.tubelet_size * p * p),
+                              (na, cfg.num_audio_tokens, p * p)):
+        layer = _cross_block_macs(n_all, n_vis, d, r) if skips else _block_macs(n_all, d, r)
+        decoders += (n_vis * c * d * (1 + skips) + _block_macs(n_all, d, r) + (cfg.decoder_depth - 1) * layer
+                     + (n_all - n_vis) * d * out)
+    return video + audio + fusion + decoders
+
+
+def size_table():
+    """One line per size and model: parameters (M) and MACs per clip (G), as in the paper's tables.
+    The audio and video rows count the encoder alone (what the paper reports for unimodal models);
+    A+V is the fine-tuning model with a 6-class head."""
+    lines = [f"{'size':6} {'model':14} {'params (M)':>11} {'MACs (G)':>9}"]
+    for size in SIZES:
+        cfg = make_config(size)
+        rows = [("audio encoder", Encoder(cfg, "audio"), "audio"), ("video encoder", Encoder(cfg, "video"), "video"),
+                ("A+V, 6 classes", HiCMAEClassifier(cfg, "av", 6), "av"), ("pre-training", HiCMAE(cfg), "pretrain")]
+        for name, m, kind in rows:
+            lines.append(f"{size:6} {name:14} {count_params(m) / 1e6:11.2f} {count_macs(cfg, kind, 0) / 1e9:9.1f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Checkpoints
+
+# The authors' key names -> ours: module paths (first match wins), then names inside the blocks.
+OFFICIAL_MODULES = [
+    ("encoder.patch_embed.proj.", "video_encoder.patch_embed."),
+    ("encoder_audio.patch_embed.proj.", "audio_encoder.patch_embed."),
+    ("encoder_fusion.blocks_audio.", "fusion.audio_blocks."),
+    ("encoder_fusion.blocks.", "fusion.video_blocks."),
+    ("encoder_fusion.norm_audio.", "fusion.audio_norm."),
+    ("encoder_fusion.norm.", "fusion.video_norm."),
+    ("encoder_audio.", "audio_encoder."),
+    ("encoder.", "video_encoder."),
+    ("encoder_to_decoder_audio.", "audio_decoder.embed."),
+    ("encoder_to_decoder.", "video_decoder.embed."),
+    ("mask_token_audio", "audio_decoder.mask_token"),
+    ("mask_token", "video_decoder.mask_token"),
+    ("decoder_audio.", "audio_decoder."),
+    ("decoder.", "video_decoder."),
+]
+OFFICIAL_INNER = [(".cross_norm1.", ".norm_q."), (".cross_norm2.", ".norm_ctx.")]
+
+
+def is_official(state_dict):
+    return any(k.startswith(("encoder.", "encoder_audio.")) for k in state_dict)
+
+
+def convert_official(state_dict):
+    """Rename the keys of an authors' state_dict (pre-training or fine-tuning) to ours."""
+    out = {}
+    for key, value in state_dict.items():
+        new = key
+        for old, ours in OFFICIAL_MODULES:
+            if key.startswith(old):
+                new = ours + key[len(old):]
+                break
+        for old, ours in OFFICIAL_INNER:
+            new = new.replace(old, ours)
+        out[new] = value
+    return out
+
+
+def load_checkpoint(path):
+    """Open a checkpoint safely: tensors, plain containers and argparse.Namespace only."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # weights_only refuses anything else before it is constructed
+        raise ValueError(f"{path}: refused to load: the file holds objects other than tensors and plain "
+                         f"containers, or is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def model_state(checkpoint):
+    """The state_dict inside a checkpoint: ours and the authors' keep it under 'model'."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        return checkpoint["model"]
+    if isinstance(checkpoint, dict) and all(torch.is_tensor(v) for v in checkpoint.values()):
+        return checkpoint
+    raise ValueError("checkpoint holds no state_dict (expected a dict of tensors or a 'model' entry)")
+
+
+def _unused_parts(model):
+    """Checkpoint weights a model may leave out: the decoders, and what a classifier does not build."""
+    if isinstance(model, HiCMAE):
+        return ()
+    parts = ["video_decoder.", "audio_decoder."]
+    parts += [name + "." for name in ("video_encoder", "audio_encoder", "fusion") if getattr(model, name) is None]
+    parts += [name for name in ("video_layer_weights", "audio_layer_weights") if not hasattr(model, name)]
+    return tuple(parts)
+
+
+def load_weights(model, state_dict, log=print):
+    """Load our or the authors' weights into HiCMAE or HiCMAEClassifier.
+
+    Pre-training weights into a classifier drop the decoders (and the unused modality for A or V).
+    A classification head of another size is re-initialised with a message; any other shape
+    mismatch, or a weight with no place in the model, is an error naming the key."""
+    if is_official(state_dict):
+        state_dict = convert_official(state_dict)
+    own = model.state_dict()
+    unused = _unused_parts(model)
+    load = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            if key.startswith(unused):
+                continue
+            raise KeyError(f"checkpoint weight '{key}' {tuple(value.shape)} has no place in {type(model).__name__}")
+        if own[key].shape != value.shape:
+            if key.startswith("head.") and isinstance(model, HiCMAEClassifier):
+                log(f"note: '{key}' is {tuple(value.shape)} in the checkpoint and {tuple(own[key].shape)} here: "
+                    "keeping the new, freshly initialised head")
+                continue
+            raise ValueError(f"shape mismatch for '{key}': checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}")
+        load[key] = value
+    missing = [k for k in own if k not in load]
+    fresh = ("head.", "fc_norm.", "video_layer_weights", "audio_layer_weights")
+    unexpected = [k for k in missing if not k.startswith(fresh)]
+    if unexpected:
+        raise KeyError(f"{len(unexpected)} weights of the model are not in the checkpoint, e.g. {unexpected[:5]}")
+    model.load_state_dict(load, strict=False)
+    if missing:
+        log(f"note: initialised fresh (not in the checkpoint): {', '.join(sorted(set(k.split('.')[0] for k in missing)))}")
+    return model
+
+
+if __name__ == "__main__":
+    print(size_table())

@@ -1,0 +1,209 @@
+"""The model's promises beyond parity: sizes and costs, gradients under every ablation, safe loading."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import (FUSION_FLOWS, Encoder, HiCMAE, HiCMAEClassifier, convert_official, count_macs, count_params,
+                   load_checkpoint, load_weights, make_config, param_groups, pretrain_loss, sincos_table)
+
+# SPEC section 2 (the paper's Tables 2-12, checked against the authors' code)
+SPEC_PARAMS = {  # millions: A+V fine-tuning (6 classes), video encoder, audio encoder, pre-training
+    "tiny": (20.47, 8.29, 7.96, 22.75),
+    "small": (45.65, 18.33, 17.84, 50.58),
+    "base": (80.79, 32.31, 31.65, 99.61),
+}
+REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_keys_base.txt"
+SPEC_MACS = {"tiny": (13.8, 9.9, 1.10), "small": (27.6, 19.5, 2.40), "base": (46.1, 32.3, 4.21)}  # G: A+V, V, A
+
+
+def small_config(**overrides):
+    base = dict(img_size=32, num_frames=4, audio_frames=32, mel_bins=32, dim=32, heads=2, depth=4,
+                decoder_dim=16, decoder_heads=2, inter_layers=(0, 2, 3), video_mask_ratio=0.5, audio_mask_ratio=0.5)
+    return make_config("tiny", **{**base, **overrides})
+
+
+def masks(cfg, batch):
+    """Tube mask for video, random for audio, with the configured ratios."""
+    t, s = cfg.video_grid
+    video = torch.zeros(batch, t, s, dtype=torch.bool)
+    audio = torch.zeros(batch, cfg.num_audio_tokens, dtype=torch.bool)
+    for b in range(batch):
+        video[b, :, torch.randperm(s)[: int(cfg.video_mask_ratio * s)]] = True
+        audio[b, torch.randperm(cfg.num_audio_tokens)[: int(cfg.audio_mask_ratio * cfg.num_audio_tokens)]] = True
+    return video.flatten(1), audio
+
+
+def inputs(cfg, batch):
+    return (torch.randn(batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size),
+            torch.randn(batch, 1, cfg.audio_frames, cfg.mel_bins))
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_parameters_and_macs_equal_the_paper(size):
+    cfg = make_config(size)
+    av, video, audio, pretrain = SPEC_PARAMS[size]
+    assert round(count_params(HiCMAEClassifier(cfg, "av", 6)) / 1e6, 2) == av
+    assert round(count_params(Encoder(cfg, "video")) / 1e6, 2) == video
+    assert round(count_params(Encoder(cfg, "audio")) / 1e6, 2) == audio
+    assert round(count_params(HiCMAE(cfg)) / 1e6, 2) == pretrain
+    macs_av, macs_v, macs_a = SPEC_MACS[size]
+    assert round(count_macs(cfg, "av") / 1e9, 1) == macs_av
+    assert round(count_macs(cfg, "video") / 1e9, 1) == macs_v
+    assert round(count_macs(cfg, "audio") / 1e9, 2) == macs_a
+
+
+def test_base_pretraining_costs_about_30_gflop_forward():
+    flops = 2 * count_macs(make_config("base"), "pretrain")
+    assert 29e9 < flops < 31e9
+
+
+@pytest.mark.parametrize("kind", ["av", "video", "audio", "pretrain"])
+def test_mac_count_agrees_with_torch_flop_counter(kind):
+    """The analytic count against torch's own counter on a real forward pass (attention as matmuls)."""
+    cfg = small_config(fusion_flow="video-first")
+    model = HiCMAE(cfg) if kind == "pretrain" else HiCMAEClassifier(cfg, kind, 6)
+    video, audio = inputs(cfg, 1)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        if kind == "pretrain":
+            model(video, audio, *masks(cfg, 1))
+        else:
+            model(video if kind != "audio" else None, audio if kind != "video" else None)
+    assert counter.get_total_flops() / 2 == count_macs(cfg, kind)
+
+
+def test_sinusoidal_table_is_interleaved():
+    table = sincos_table(7, 6)[0]
+    for p in range(7):
+        for j in range(6):
+            angle = p / 10000 ** (2 * (j // 2) / 6)
+            expected = math.sin(angle) if j % 2 == 0 else math.cos(angle)
+            assert table[p, j].item() == pytest.approx(expected, abs=1e-6)
+    assert "pos_embed" not in "".join(HiCMAE(small_config()).state_dict())
+
+
+SWITCHES = [dict(), dict(skip_connections=False), dict(hcmcl_weight=0.0),
+            dict(skip_connections=False, hcmcl_weight=0.0, inter_layers=(1,)), dict(fusion_depth=0),
+            dict(fusion_depth=1), dict(depth=3, inter_layers=(0, 1, 2))] + \
+           [dict(fusion_flow=f) for f in FUSION_FLOWS[1:]]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_pretraining_backward_reaches_every_parameter(switches):
+    cfg = small_config(drop_path=0.1, **switches)
+    torch.manual_seed(0)
+    model = HiCMAE(cfg).train()
+    video, audio = inputs(cfg, 3)
+    video_mask, audio_mask = masks(cfg, 3)
+    out = model(video, audio, video_mask, audio_mask)
+    pretrain_loss(out, video, audio, video_mask, audio_mask, cfg)["loss"].backward()
+    unreached = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not unreached, f"no gradient for {unreached}"
+
+
+@pytest.mark.parametrize("modality", ["av", "video", "audio"])
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_finetuning_backward_reaches_every_parameter(modality, hierarchical):
+    cfg = small_config(hierarchical_fusion=hierarchical, drop_path=0.1)
+    model = HiCMAEClassifier(cfg, modality, 3).train()
+    video, audio = inputs(cfg, 2)
+    logits = model(video if modality != "audio" else None, audio if modality != "video" else None)
+    assert logits.shape == (2, 3)
+    logits.square().sum().backward()
+    unreached = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not unreached, f"no gradient for {unreached}"
+    assert hasattr(model, "video_layer_weights") == (hierarchical and modality != "audio")
+
+
+def test_hierarchical_feature_fusion_weights_layers():
+    """Eq. 12: uniform weights give the mean over layers; one dominant weight selects that layer."""
+    cfg = small_config()
+    model = HiCMAEClassifier(cfg, "video", 2).eval()
+    video, _ = inputs(cfg, 1)
+    with torch.no_grad():
+        _, layers = model.video_encoder(video, return_layers=range(cfg.depth))
+        pooled = torch.stack([f.mean(1) for f in layers], 1)
+        _, uniform = model.unimodal(model.video_encoder, video, model.video_layer_weights)
+        torch.testing.assert_close(uniform, pooled.mean(1))
+        model.video_layer_weights[2] = 50.0
+        _, third = model.unimodal(model.video_encoder, video, model.video_layer_weights)
+        torch.testing.assert_close(third, pooled[:, 2])
+
+
+def test_layer_decay_groups():
+    cfg = small_config()  # depth 4, fusion 2: 7 layer ids
+    model = HiCMAEClassifier(cfg, "av", 3)
+    assert model.layer_id("video_encoder.patch_embed.weight") == 0
+    assert model.layer_id("audio_encoder.blocks.2.attn.qkv.weight") == 3
+    assert model.layer_id("fusion.audio_blocks.1.mlp.fc1.weight") == 6
+    assert model.layer_id("fusion.video_norm.weight") == 7
+    assert model.layer_id("head.weight") == 7
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.75)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        assert g["lr_scale"] == pytest.approx(0.75 ** (7 - g["layer_id"]))
+        for p in g["params"]:
+            assert (g["weight_decay"] > 0) == (p.ndim >= 2), names[id(p)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert all(g["lr_scale"] == 1.0 for g in param_groups(HiCMAE(cfg), 0.05))  # no layer decay in pre-training
+
+
+def test_mask_tokens_are_not_decayed():
+    model = HiCMAE(small_config())
+    decayed = {id(p) for g in param_groups(model, 0.05) if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.video_decoder.mask_token) not in decayed and id(model.audio_decoder.mask_token) not in decayed
+    assert id(model.video_decoder.embed.weight) in decayed
+
+
+def test_loading_errors_name_the_key():
+    cfg = small_config()
+    state = HiCMAE(cfg).state_dict()
+    bad = dict(state)
+    bad["video_encoder.blocks.0.mlp.fc1.weight"] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match="video_encoder.blocks.0.mlp.fc1.weight"):
+        load_weights(HiCMAE(cfg), bad)
+    extra = dict(state, **{"something.else": torch.zeros(1)})
+    with pytest.raises(KeyError, match="something.else"):
+        load_weights(HiCMAE(cfg), extra)
+    missing = {k: v for k, v in state.items() if not k.startswith("fusion.video_blocks.0.")}
+    with pytest.raises(KeyError, match="fusion.video_blocks.0"):
+        load_weights(HiCMAEClassifier(cfg, "av", 3), missing)
+
+
+def test_pretraining_weights_into_each_classifier():
+    cfg = small_config()
+    pretrained = HiCMAE(cfg)
+    for modality in ("av", "audio", "video"):
+        messages = []
+        model = load_weights(HiCMAEClassifier(cfg, modality, 4), pretrained.state_dict(), log=messages.append)
+        encoder = model.audio_encoder if modality == "audio" else model.video_encoder
+        source = pretrained.audio_encoder if modality == "audio" else pretrained.video_encoder
+        assert torch.equal(encoder.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+        assert messages and "head" in messages[-1]
+
+
+def test_official_key_names_convert_to_ours():
+    keys = [line.split()[1] for line in open(REFERENCE_KEYS) if line.startswith(("pretrain ", "finetune "))]
+    kinds = [line.split()[0] for line in open(REFERENCE_KEYS) if line.startswith(("pretrain ", "finetune "))]
+    cfg = make_config("base")
+    ours = {"pretrain": set(HiCMAE(cfg).state_dict()), "finetune": set(HiCMAEClassifier(cfg, "av", 6).state_dict())}
+    for kind in ("pretrain", "finetune"):
+        theirs = {k: torch.zeros(0) for k, c in zip(keys, kinds) if c == kind}
+        assert set(convert_official(theirs)) == ours[kind]
+
+
+def test_refuses_a_checkpoint_that_pickles_a_callable(tmp_path):
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, path)
+    with pytest.raises(ValueError, match="evil.pth"):
+        load_checkpoint(path)
+    assert not marker.exists()

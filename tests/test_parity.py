@@ -1,0 +1,113 @@
+"""Parity with the authors' code: tensors their implementation computed (../shared/reference/).
+
+The fixture is read from HICMAE_PARITY_FIXTURE (default ../shared/reference/official_tiny.pt); every
+dimension, depth, selected layer, ratio, temperature, loss weight and class count comes from it.
+"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import (HiCMAE, HiCMAEClassifier, HiCMAEConfig, load_checkpoint, load_weights, model_state,
+                   pretrain_loss, reconstruction_targets)
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+FIXTURE = Path(os.environ.get("HICMAE_PARITY_FIXTURE", REFERENCE / "official_tiny.pt"))
+CHECKPOINT = REFERENCE / "official_tiny_checkpoint-99.pth"
+
+
+@pytest.fixture(scope="module")
+def ref():
+    if not FIXTURE.exists():
+        pytest.fail(f"parity fixture not found: {FIXTURE}")
+    return torch.load(FIXTURE, map_location="cpu", weights_only=True)
+
+
+def fixture_config(ref):
+    c, x = ref["config"], ref["inputs"]
+    patch = ref["pretrain_state_dict"]["encoder.patch_embed.proj.weight"].shape  # (C, 3, tubelet, p, p)
+    assert tuple(c["video_mean"]) == (0.485, 0.456, 0.406) and tuple(c["video_std"]) == (0.229, 0.224, 0.225)
+    return HiCMAEConfig(
+        img_size=c["img_size"], num_frames=x["video"].shape[2], tubelet_size=patch[2], patch_size=patch[3],
+        audio_frames=c["audio_size"][0], mel_bins=c["audio_size"][1],
+        dim=c["dim"], heads=c["heads"], depth=c["depth"], fusion_depth=c["fusion_depth"],
+        decoder_dim=c["dec_dim"], decoder_heads=c["dec_heads"], decoder_depth=c["dec_depth"],
+        inter_layers=c["inter_layers"], video_mask_ratio=c["mask_ratio"], audio_mask_ratio=c["mask_ratio_audio"],
+        temperature=c["temperature"], hcmcl_weight=c["loss_weight"],
+        normalize_target=c["normalize_target"], frame_diff_target=c["frame_diff_target"])
+
+
+def assert_close(name, ours, theirs):
+    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
+    scale = max(1.0, theirs.abs().max().item())
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-4 * scale, f"{name}: max abs error {err:.3g} (scale {scale:.3g})"
+
+
+def run_pretrain(model, ref, cfg):
+    x = ref["inputs"]
+    with torch.no_grad():
+        out = model(x["video"], x["audio"], x["video_mask"], x["audio_mask"])
+        losses = pretrain_loss(out, x["video"], x["audio"], x["video_mask"], x["audio_mask"], cfg)
+        targets = reconstruction_targets(x["video"], x["audio"], x["video_mask"], x["audio_mask"], cfg)
+    return out, losses, targets
+
+
+def test_masks_of_fixture_match_config(ref):
+    cfg, x = fixture_config(ref), ref["inputs"]
+    num_visible_video, num_visible_audio = cfg.num_visible
+    assert (~x["video_mask"]).sum(1).eq(num_visible_video).all()
+    assert (~x["audio_mask"]).sum(1).eq(num_visible_audio).all()
+
+
+def test_pretrain_outputs_and_losses(ref):
+    cfg = fixture_config(ref)
+    model = load_weights(HiCMAE(cfg).eval(), ref["pretrain_state_dict"])
+    out, losses, (video_target, audio_target) = run_pretrain(model, ref, cfg)
+    expected = ref["pretrain_outputs"]
+    assert_close("video_pred", out["video_pred"], expected["video_pred"])
+    assert_close("audio_pred", out["audio_pred"], expected["audio_pred"])
+    logits = out["video_emb"] @ out["audio_emb"].transpose(1, 2) / cfg.temperature  # (layers, B, B)
+    assert_close("logits_per_video", logits, expected["logits_per_video"])
+    assert_close("logits_per_audio", logits.transpose(1, 2), expected["logits_per_audio"])
+    assert_close("video_target", video_target, expected["video_target"])
+    assert_close("audio_target", audio_target, expected["audio_target"])
+    for name, value in ref["pretrain_losses"].items():
+        assert_close(name, losses[name], value)
+
+
+def test_finetune_outputs(ref):
+    cfg, x = fixture_config(ref), ref["inputs"]
+    model = HiCMAEClassifier(cfg, "av", ref["config"]["num_classes"]).eval()
+    load_weights(model, ref["finetune_state_dict"])
+    with torch.no_grad():
+        features = model.forward_features(x["video"], x["audio"])
+        logits = model.head(features)
+    assert_close("features", features, ref["finetune_outputs"]["features"])
+    assert_close("logits", logits, ref["finetune_outputs"]["logits"])
+
+
+def test_released_checkpoint_loads_into_both_models(ref):
+    """The authors' checkpoint file (with its pickled argparse.Namespace) through load_checkpoint."""
+    cfg = fixture_config(ref)
+    checkpoint = load_checkpoint(CHECKPOINT)
+    assert checkpoint["epoch"] == 99
+    pretrain = load_weights(HiCMAE(cfg).eval(), model_state(checkpoint))
+    out, _, _ = run_pretrain(pretrain, ref, cfg)  # the same weights as the fixture's pre-training model
+    assert_close("video_pred", out["video_pred"], ref["pretrain_outputs"]["video_pred"])
+    assert_close("audio_pred", out["audio_pred"], ref["pretrain_outputs"]["audio_pred"])
+
+    messages = []
+    finetune = load_weights(HiCMAEClassifier(cfg, "av", 7), model_state(checkpoint), log=messages.append)
+    ours = finetune.state_dict()
+    theirs = model_state(checkpoint)
+    assert torch.equal(ours["video_encoder.blocks.0.attn.qkv.weight"], theirs["encoder.blocks.0.attn.qkv.weight"])
+    assert torch.equal(ours["fusion.audio_blocks.1.norm_q.weight"], theirs["encoder_fusion.blocks_audio.1.cross_norm1.weight"])
+    assert any("head" in m for m in messages)  # the new head is reported as freshly initialised
+
+
+def test_plain_weights_only_load_refuses_the_released_checkpoint():
+    """Documents why load_checkpoint allow-lists argparse.Namespace (and nothing else)."""
+    with pytest.raises(Exception):
+        torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
