@@ -417,19 +417,35 @@ def reconstruction_targets(video, audio, video_mask, audio_mask, cfg):
     return gather_tokens(v, split_mask(video_mask)[1]), gather_tokens(a, split_mask(audio_mask)[1])
 
 
+class GatherBatch(torch.autograd.Function):
+    """All ranks' (L, B, C) embeddings concatenated along the batch; the backward sums every rank's
+    gradient and keeps this rank's slice. (torch.distributed.nn's all_gather, tried first, gave wrong
+    gradients for two gathers in one loss on the gloo backend.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad.chunk(torch.distributed.get_world_size(), dim=1)[torch.distributed.get_rank()]
+
+
 def hcmcl_loss(video_emb, audio_emb, temperature, gather=False):
     """HCMCL (Eq. 9-10): symmetric InfoNCE per selected layer, summed over layers.
 
     video_emb, audio_emb: (L, B, C), L2-normalised. With gather=True the negatives come from every
-    rank (differentiable all_gather); otherwise from the local batch, as the authors.
+    rank; otherwise from the local batch, as the authors.
     Returns the loss and the retrieval accuracy of each layer (L,)."""
     B = video_emb.shape[1]
     labels = torch.arange(B, device=video_emb.device)
     audio_all, video_all = audio_emb, video_emb
     if gather:
-        import torch.distributed.nn.functional as dist_fn
-        audio_all = torch.cat(dist_fn.all_gather(audio_emb), dim=1)
-        video_all = torch.cat(dist_fn.all_gather(video_emb), dim=1)
+        audio_all, video_all = GatherBatch.apply(audio_emb), GatherBatch.apply(video_emb)
         labels = labels + torch.distributed.get_rank() * B
     logits_v = video_emb @ audio_all.transpose(1, 2) / temperature  # (L, B, B_all)
     logits_a = audio_emb @ video_all.transpose(1, 2) / temperature

@@ -1,0 +1,159 @@
+"""pretrain.py on CPU: DDP equals one process, exact mid-epoch resume, NaN stop, --init, a falling loss."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import pretrain
+from model import convert_official, load_checkpoint, model_state
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+TINY = ["--device", "cpu", "--size", "tiny", "--img_size", "32", "--num_frames", "4", "--sampling_rate", "2",
+        "--audio_frames", "32", "--mel_bins", "32", "--dim", "32", "--heads", "2", "--depth", "4",
+        "--inter_layers", "1", "2", "3", "--fusion_depth", "1", "--decoder_dim", "16", "--decoder_heads", "2",
+        "--video_mask_ratio", "0.5", "--audio_mask_ratio", "0.5", "--num_workers", "0", "--log_every", "1",
+        "--warmup_epochs", "1", "--base_lr", "0.05", "--visualize_every", "0"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    train, _ = data.write_demo(root, seed=1, num_train=8, num_test=4)
+    return str(train)
+
+
+def run(*args, torchrun=False):
+    """pretrain.py in a fresh process (one, or two under torchrun with gloo)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
+        if torchrun else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(launcher + [str(REPO / "pretrain.py"), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def logged(output_dir):
+    return [json.loads(line) for line in open(Path(output_dir) / "log.jsonl")]
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(manifest, tmp_path):
+    common = [*TINY, "--data_path", manifest, "--epochs", "2", "--gather_negatives"]
+    run(*common, "--batch_size", "4", "--output_dir", str(tmp_path / "one"))
+    run(*common, "--batch_size", "2", "--output_dir", str(tmp_path / "two"), torchrun=True)
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        for key in ("loss", "loss_video", "loss_audio", "loss_hcmcl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    w1, w2 = weights(tmp_path / "one" / "last.pth"), weights(tmp_path / "two" / "last.pth")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_both_ranks_end_with_identical_weights(manifest, tmp_path):
+    """Each rank saves its own weights after training (a small launcher around pretrain.main)."""
+    launcher = tmp_path / "each_rank.py"
+    launcher.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import pretrain\n"
+        "model = pretrain.main(sys.argv[1:])\n"
+        f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(launcher), *TINY, "--data_path", manifest, "--epochs", "1", "--batch_size", "2",
+                             "--output_dir", str(tmp_path / "run")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    initial = pretrain.HiCMAE(pretrain.model_config(pretrain.build_parser().parse_args(TINY))).state_dict()
+    assert any(not torch.equal(rank0[k], initial[k]) for k in rank0)  # training happened
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+
+
+def test_resume_in_the_middle_of_an_epoch_follows_the_same_trajectory(manifest, tmp_path):
+    common = [*TINY, "--data_path", manifest, "--epochs", "2", "--batch_size", "2", "--drop_path", "0.2"]
+    run(*common, "--output_dir", str(tmp_path / "straight"))
+    run(*common, "--output_dir", str(tmp_path / "split"), "--stop_at_step", "5")  # 4 steps per epoch
+    assert load_checkpoint(tmp_path / "split" / "last.pth")["progress"] == dict(epoch=1, batch=1, step=5)
+    run(*common, "--output_dir", str(tmp_path / "split"))  # resumes from output_dir/last.pth
+    straight, split = logged(tmp_path / "straight"), logged(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 9))
+    for a, b in zip(straight, split):
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"], a["step"]
+    w1, w2 = weights(tmp_path / "straight" / "last.pth"), weights(tmp_path / "split" / "last.pth")
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(manifest, tmp_path, monkeypatch):
+    calls = []
+    real_loss = pretrain.pretrain_loss
+
+    def loss_that_explodes(*args, **kwargs):
+        parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(pretrain, "pretrain_loss", loss_that_explodes)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match=r"non-finite loss .* step 3.*last\.pth"):
+        pretrain.main([*TINY, "--data_path", manifest, "--epochs", "2", "--batch_size", "2",
+                       "--save_every_steps", "1", "--output_dir", str(out)])
+    checkpoint = load_checkpoint(out / "last.pth")
+    assert checkpoint["progress"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_init_from_the_authors_checkpoint(manifest, tmp_path):
+    """The tiny authors' checkpoint, with lr 0 so that the saved weights are exactly the loaded ones."""
+    config = ["--device", "cpu", "--size", "tiny", "--img_size", "32", "--num_frames", "16", "--audio_frames", "64",
+              "--mel_bins", "32", "--dim", "64", "--heads", "4", "--depth", "4", "--inter_layers", "0", "2", "3",
+              "--fusion_depth", "2", "--decoder_dim", "32", "--decoder_heads", "2", "--decoder_depth", "4",
+              "--video_mask_ratio", "0.75", "--audio_mask_ratio", "0.5", "--num_workers", "0"]
+    out = tmp_path / "init"
+    result = run(*config, "--data_path", manifest, "--epochs", "1", "--batch_size", "4", "--base_lr", "0",
+                 "--min_lr", "0", "--warmup_lr", "0", "--visualize_every", "0", "--output_dir", str(out),
+                 "--init", str(REFERENCE / "official_tiny_checkpoint-99.pth"))
+    assert "initialised from" in result.stdout
+    theirs = convert_official(model_state(load_checkpoint(REFERENCE / "official_tiny_checkpoint-99.pth")))
+    ours = weights(out / "last.pth")
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_a_short_run_lowers_the_loss_and_draws_the_reconstruction(manifest, tmp_path):
+    out = tmp_path / "short"
+    run(*TINY[:-2], "--visualize_every", "3", "--data_path", manifest, "--epochs", "6", "--batch_size", "4",
+        "--output_dir", str(out))
+    losses = [r["loss"] for r in logged(out)]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    figure = out / "reconstruction-005.png"
+    from torchvision.io import read_image
+    image = read_image(str(figure))
+    assert image.shape[0] == 3 and image.shape[2] > 4 * 32  # a row of 4 frames of 32 pixels, with padding
+
+
+def test_benchmark_reports_throughput(capsys):
+    samples_per_s = pretrain.main([*TINY, "--benchmark", "--batch_size", "2", "--bench_steps", "2",
+                                   "--bench_warmup", "1"])
+    assert samples_per_s > 0
+    line = capsys.readouterr().out
+    assert "samples/s" in line and "TFLOP/s" in line and "MFU" in line and "peak memory" in line
