@@ -1,0 +1,1020 @@
+"""Data for HiCMAE: from files on disk to the model's tensors.
+
+One file, in the order the data flows:
+  0. constants and the error type
+  1. manifests (the authors' format) and the path-prefix rewrite
+  2. decoding: video files (PyAV), frame folders (torchvision.io), audio (PyAV, 16 kHz mono)
+  3. clip sampling and the audio window that follows the clip
+  4. log-Mel features (torchaudio's Kaldi fbank, normalised as the authors do)
+  5. masks for pre-training
+  6. transforms: pre-training crop, fine-tuning augmentation, test-time views
+  7. data sets for pre-training and fine-tuning, and the bad-sample monitor
+  8. the built-in demo data set
+  9. command line: python data.py check|demo|scan|bench
+
+Every random choice of an item comes from a generator seeded by (seed, epoch, index), so an item is
+the same whatever the number of workers or processes, and no global random state is used.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchaudio
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+# ----------------------------------------------------------------------------------------------
+# 0. Constants and the error type
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FBANK_MEAN = -4.2677393  # AudioSet statistics of the log-Mel features, as the authors
+FBANK_STD = 4.5689974
+SAMPLE_RATE = 16000
+MIN_AUDIO_SAMPLES = 1024  # a window of this many samples (64 ms) or fewer is unusable
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+TASKS = ("pretrain", "classification", "regression")
+MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
+# The 13 crop positions of the pre-training crop, in quarters of the free room (x, y).
+MULTISCALE_POSITIONS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
+                        (1, 1), (3, 1), (1, 3), (3, 3))
+
+
+class DataError(Exception):
+    """A sample that cannot be used. The message names the manifest row, the path and the reason."""
+
+
+@contextmanager
+def _reading(path, what):
+    """Turn an error of the decoder or the file system into a DataError naming the path."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (av.FFmpegError, OSError, RuntimeError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise DataError(f"{path}: cannot read {what}: {reason}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Manifests
+
+@dataclass
+class Sample:
+    video: str  # a video file or a folder of frames
+    audio: str | None  # an audio file, or None: the audio stream of the video file
+    target: int | list[float] | None  # class index, regression targets, or None (pre-training)
+    row: str  # where the sample comes from, "train.csv:12"
+
+
+def parse_root_map(pairs):
+    """["OLD=NEW", ...] -> [(OLD, NEW), ...]: path prefixes to rewrite, the first match wins."""
+    root_map = []
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old:
+            raise ValueError(f"a root map is OLD=NEW, got {pair!r}")
+        root_map.append((old, new))
+    return root_map
+
+
+def _resolve(path, root_map, base):
+    for old, new in root_map:
+        if path.startswith(old):
+            path = new + path[len(old):]
+            break
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _parse_row(fields, task, row):
+    """(video, audio, target) of one manifest row, or DataError."""
+    if task == "pretrain":  # <video> [<audio>] [labels, ignored]; the authors write `<video> 0`
+        audio = fields[1] if len(fields) > 1 and not _is_number(fields[1]) else None
+        return fields[0], audio, None
+    if len(fields) < 3:
+        raise DataError(f"{row}: expected '<video> <audio> <label...>', got {len(fields)} fields")
+    if task == "classification":
+        if len(fields) != 3:
+            raise DataError(f"{row}: expected '<video> <audio> <class index>', got {len(fields)} fields")
+        if not fields[2].isdigit():
+            raise DataError(f"{row}: label {fields[2]!r} is not a class index")
+        return fields[0], fields[1], int(fields[2])
+    if task == "regression":
+        try:
+            target = [float(x) for x in fields[2:]]
+        except ValueError:
+            raise DataError(f"{row}: regression targets {fields[2:]} are not all numbers") from None
+        if not all(math.isfinite(x) for x in target):
+            raise DataError(f"{row}: regression targets {fields[2:]} are not all finite")
+        return fields[0], fields[1], target
+
+
+def read_manifest(path, root_map=(), task="pretrain", errors=None):
+    """Samples of a manifest: one per line, `<video> <audio> <label...>` separated by spaces.
+
+    Pre-training rows may be `<video>` alone (the audio is the video file's own stream). Paths are
+    rewritten by `root_map`, then taken relative to the manifest's folder if they are relative. A
+    row that does not parse raises DataError naming file:line, or, when `errors` is a list, is
+    appended to it and skipped. Blank lines and lines starting with '#' are ignored.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: one of {TASKS}")
+    base = os.path.dirname(os.path.abspath(path))
+    samples, num_targets = [], None
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            fields, row = line.split(), f"{path}:{lineno}"
+            if not fields or fields[0].startswith("#"):
+                continue
+            try:
+                video, audio, target = _parse_row(fields, task, row)
+                if task == "regression":
+                    num_targets = num_targets or len(target)
+                    if len(target) != num_targets:
+                        raise DataError(f"{row}: {len(target)} regression targets, earlier rows have {num_targets}")
+            except DataError as e:
+                if errors is None:
+                    raise
+                errors.append(e)
+                continue
+            audio = None if audio is None else _resolve(audio, root_map, base)
+            samples.append(Sample(_resolve(video, root_map, base), audio, target, row))
+    if not samples and errors is None:
+        raise DataError(f"{path}: no samples")
+    return samples
+
+
+def guess_task(path):
+    """'classification', 'regression' or 'pretrain', from the first row of a manifest."""
+    with open(path) as f:
+        fields = next((line.split() for line in f if line.split() and not line.startswith("#")), [])
+    if len(fields) >= 3 and all(_is_number(x) for x in fields[2:]):
+        return "classification" if len(fields) == 3 and fields[2].isdigit() else "regression"
+    return "pretrain"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Decoding
+
+class VideoFile:
+    """A video file read through PyAV; any container and codec FFmpeg reads.
+
+    Frame i is the i-th frame in display order. Its timestamp comes from the demuxer (read once,
+    without decoding), so any frame rate works, and reading a clip decodes only from the keyframe
+    before its first frame to its last frame.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        with _reading(path, "video"), av.open(path) as container:
+            if not container.streams.video:
+                raise DataError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            packets = [(p.pts, p.is_discard) for p in container.demux(stream) if p.size]
+            declared, self.time_base = stream.frames, stream.time_base
+        if any(pts is None for pts, _ in packets):
+            raise DataError(f"{path}: the video packets carry no timestamps (remux the file, e.g. to .mp4)")
+        self.pts = sorted(pts for pts, discard in packets if not discard)
+        if not self.pts:
+            raise DataError(f"{path}: the video stream holds no frames")
+        if declared and len(packets) < declared:
+            raise DataError(f"{path}: truncated: {len(packets)} of {declared} video frames present")
+
+    def __len__(self):
+        return len(self.pts)
+
+    def time(self, i):
+        """Seconds from the first frame to frame i."""
+        return float((self.pts[i] - self.pts[0]) * self.time_base)
+
+    def audio_span(self, first, last, num_samples):
+        """Samples of a 16 kHz track between frames `first` and `last`, from their timestamps."""
+        return (min(round(self.time(first) * SAMPLE_RATE), num_samples),
+                min(round(self.time(last) * SAMPLE_RATE), num_samples))
+
+    def read(self, indices):
+        """Frames at `indices` as uint8 (T, 3, H, W)."""
+        wanted = {self.pts[i] for i in indices}
+        first, last = self.pts[min(indices)], self.pts[max(indices)]
+        # Seek to the keyframe before the first frame; if that misses it, decode from the start.
+        for seek in ((first, None) if first > self.pts[0] else (None,)):
+            frames = self._decode(wanted, seek, last)
+            if len(frames) == len(wanted):
+                break
+        else:
+            missing = min(self.pts.index(p) for p in wanted - frames.keys())
+            raise DataError(f"{self.path}: frame {missing} of {len(self)} cannot be decoded (truncated or corrupt)")
+        return torch.from_numpy(np.stack([frames[self.pts[i]] for i in indices])).permute(0, 3, 1, 2)
+
+    def _decode(self, wanted, seek, last):
+        frames = {}
+        # One reformatter per clip keeps its conversion context (frame.to_rgb() rebuilds it for every
+        # frame), and one thread is 15x faster on clip-sized frames. Never share one with threads
+        # across processes: its thread pool does not survive a fork, and a loader worker would hang.
+        to_rgb = av.video.reformatter.VideoReformatter()
+        with _reading(self.path, "video"), av.open(self.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "NONE"  # one thread per loader worker; the workers are the parallelism
+            if seek is not None:
+                container.seek(seek, stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.pts in wanted:
+                    frames[frame.pts] = to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                if frame.pts is not None and frame.pts >= last:
+                    break
+        return frames
+
+
+def _read_image(path):
+    """One image as uint8 (3, H, W); torchvision decodes jpg and png, Pillow bmp."""
+    with _reading(path, "image"):
+        if path.lower().endswith(".bmp"):
+            with Image.open(path) as image:
+                return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        return decode_image(path, mode=ImageReadMode.RGB)
+
+
+class FrameFolder:
+    """A folder of jpg/png/bmp frames in name order (OpenFace writes frame_det_00_000001.bmp)."""
+
+    def __init__(self, path):
+        self.path = path
+        with _reading(path, "frame folder"):
+            names = sorted(n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS))
+        if not names:
+            raise DataError(f"{path}: no jpg/png/bmp frames in the folder")
+        self.files = [os.path.join(path, n) for n in names]
+
+    def __len__(self):
+        return len(self.files)
+
+    def audio_span(self, first, last, num_samples):
+        """Samples between frames `first` and `last`: frame i of n sits at i / (n - 1) of the
+        audio's length (the authors' convention; a frame folder has no frame rate)."""
+        if len(self) == 1:
+            return 0, 0
+        return int(first / (len(self) - 1) * num_samples), int(last / (len(self) - 1) * num_samples)
+
+    def read(self, indices):
+        """Frames at `indices` as uint8 (T, 3, H, W); a repeated index is read once."""
+        images = {i: _read_image(self.files[i]) for i in dict.fromkeys(indices)}
+        if len({image.shape for image in images.values()}) > 1:
+            raise DataError(f"{self.path}: the frames differ in size")
+        return torch.stack([images[i] for i in indices])
+
+
+def open_video(path):
+    """A VideoFile or a FrameFolder, or DataError."""
+    if os.path.isdir(path):
+        return FrameFolder(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file or folder")
+    return VideoFile(path)
+
+
+def read_audio(path):
+    """The first audio stream of any container (wav, m4a, flac, mp4, webm, ...) as float32 (1, N),
+    mono (mean of the channels), 16 kHz."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with _reading(path, "audio"), av.open(path) as container:
+        if not container.streams.audio:
+            raise DataError(f"{path}: no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+        chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
+        chunks += [out.to_ndarray() for out in resampler.resample(None)]
+        declared = float(stream.duration * stream.time_base) if stream.duration else None
+    if not chunks:
+        raise DataError(f"{path}: the audio stream holds no samples")
+    waveform = torch.from_numpy(np.concatenate(chunks, axis=1)).mean(0, keepdim=True)
+    seconds = waveform.shape[1] / SAMPLE_RATE
+    if declared and seconds < declared - max(0.1, 0.02 * declared):
+        raise DataError(f"{path}: truncated: {seconds:.2f} s of audio decoded, {declared:.2f} s declared")
+    return waveform
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Clip sampling and the audio window
+
+def random_start(num_available, span, generator):
+    """First frame of a training clip, uniform over the starts that fit (0 for a short video)."""
+    return int(torch.randint(max(num_available - span, 0) + 1, (1,), generator=generator))
+
+
+def even_starts(num_available, span, num_clips):
+    """First frames of `num_clips` evenly spaced test clips (one clip: the centre one)."""
+    room = max(num_available - span, 0)
+    if num_clips == 1:
+        return [room // 2]
+    return [round(k * room / (num_clips - 1)) for k in range(num_clips)]
+
+
+def clip_indices(num_available, start, num_frames, stride):
+    """Frame indices of a clip: `num_frames` frames `stride` apart from `start`. A video shorter
+    than the span gets indices spread over all its frames, then its last frame repeated."""
+    if num_available >= num_frames * stride:
+        return [start + stride * j for j in range(num_frames)]
+    k = max(1, min(num_frames, num_available // stride))
+    spread = [j * (num_available - 1) // (k - 1) for j in range(k)] if k > 1 else [0]
+    return spread + [num_available - 1] * (num_frames - k)
+
+
+def audio_window(video, waveform, first, span, audio_frames, path):
+    """The audio that follows a clip: from frame `first` to `span` frames later, capped at the
+    last frame. A window of MIN_AUDIO_SAMPLES or fewer falls back to the whole file when the file
+    is shorter than `audio_frames` feature frames (10 ms each), and is an error otherwise."""
+    last = min(first + span, len(video) - 1)
+    start, stop = video.audio_span(first, last, waveform.shape[1])
+    if stop - start > MIN_AUDIO_SAMPLES:
+        return waveform[:, start:stop]
+    if waveform.shape[1] < audio_frames * SAMPLE_RATE // 100:
+        return waveform
+    raise DataError(f"{path}: audio window of {stop - start} samples (frames {first}-{last}) in "
+                    f"{waveform.shape[1] / SAMPLE_RATE:.2f} s of audio; is the audio shorter than the video?")
+
+
+def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1):
+    """Decode clips of a sample: a list of (frames uint8 (T, 3, H, W), waveform (1, n) 16 kHz).
+
+    One clip at a random start drawn from `generator` (training), or `num_clips` evenly spaced
+    clips when `generator` is None (test). Raises DataError naming the row, the path and the reason.
+    """
+    span = num_frames * sampling_rate
+    try:
+        video = open_video(sample.video)
+        if sample.audio is None and isinstance(video, FrameFolder):
+            raise DataError(f"{sample.video}: a frame folder needs an audio file in the manifest")
+        audio_path = sample.audio or sample.video
+        waveform = read_audio(audio_path)
+        if waveform.shape[1] <= MIN_AUDIO_SAMPLES:
+            raise DataError(f"{audio_path}: only {waveform.shape[1]} audio samples")
+        starts = ([random_start(len(video), span, generator)] if generator is not None
+                  else even_starts(len(video), span, num_clips))
+        clips = []
+        for start in starts:
+            indices = clip_indices(len(video), start, num_frames, sampling_rate)
+            clips.append((video.read(indices), audio_window(video, waveform, indices[0], span, audio_frames, audio_path)))
+    except DataError as e:
+        raise DataError(f"{sample.row}: {e}") from None
+    return clips
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Log-Mel features
+
+def fbank(waveform, num_frames=256, num_mel_bins=128):
+    """Normalised log-Mel features (num_frames, num_mel_bins) of a 16 kHz mono waveform (1, N),
+    N >= 400: Kaldi fbank of the zero-mean waveform, 25 ms windows every 10 ms, cut or zero-padded
+    to num_frames, then (x - FBANK_MEAN) / (2 * FBANK_STD)."""
+    feats = torchaudio.compliance.kaldi.fbank(
+        waveform - waveform.mean(), htk_compat=True, sample_frequency=SAMPLE_RATE, use_energy=False,
+        window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0, frame_shift=10, frame_length=25)
+    feats = F.pad(feats, (0, 0, 0, max(0, num_frames - feats.shape[0])))[:num_frames]
+    return (feats - FBANK_MEAN) / (2 * FBANK_STD)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Masks (True = masked)
+
+def tube_mask(num_temporal, num_spatial, ratio, generator):
+    """One random pattern of int(ratio * num_spatial) masked positions, repeated in every temporal
+    slice (token index = t * num_spatial + s)."""
+    frame = torch.zeros(num_spatial, dtype=torch.bool)
+    frame[torch.randperm(num_spatial, generator=generator)[:int(ratio * num_spatial)]] = True
+    return frame.repeat(num_temporal)
+
+
+def random_mask(num_tokens, ratio, generator):
+    """int(ratio * num_tokens) masked tokens at random."""
+    mask = torch.zeros(num_tokens, dtype=torch.bool)
+    mask[torch.randperm(num_tokens, generator=generator)[:int(ratio * num_tokens)]] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Transforms. Video: uint8 (T, 3, H, W) in, float (T, 3, S, S) ImageNet-normalised out; the
+# same crop and augmentation for every frame of a clip. torchvision's random transforms draw from
+# torch's global generator: run them inside seeded_global_rng(generator).
+
+def item_generator(seed, epoch, index):
+    """The generator of every random choice of one item."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
+
+
+@contextmanager
+def seeded_global_rng(generator):
+    """Seed torch's global CPU generator from `generator`, and restore it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        yield
+
+
+_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
+_SHIFT = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def normalize(frames):
+    """uint8 (..., 3, H, W) -> float in [0, 1], ImageNet-normalised (in place: several times faster
+    than out-of-place ops on clip-sized tensors)."""
+    return frames.float().mul_(_SCALE).sub_(_SHIFT)
+
+
+def multiscale_crop(frames, size, generator):
+    """The pre-training crop (the authors' multi-scale crop): width and height each one of
+    MULTISCALE_SCALES of the short side, at most one step apart, at one of the 13
+    MULTISCALE_POSITIONS, resized to size x size."""
+    height, width = frames.shape[-2:]
+    sides = [int(min(height, width) * s) for s in MULTISCALE_SCALES]
+    pairs = [(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
+    crop_h, crop_w = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+    x, y = MULTISCALE_POSITIONS[int(torch.randint(len(MULTISCALE_POSITIONS), (1,), generator=generator))]
+    top, left = y * ((height - crop_h) // 4), x * ((width - crop_w) // 4)
+    return TF.resized_crop(frames, top, left, crop_h, crop_w, [size, size], antialias=True)
+
+
+def finetune_train_transform(img_size, scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25):
+    """Fine-tuning augmentation: random resized crop, flip, RandAugment, then normalisation and
+    random erasing (random values)."""
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandAugment(num_ops=rand_ops, magnitude=rand_magnitude),
+        v2.Lambda(normalize),
+        v2.RandomErasing(p=erase_prob, value="random"),
+    ])
+
+
+def test_views(frames, img_size, num_crops):
+    """Test-time crops: resize the short side to img_size, then `num_crops` square crops evenly
+    spaced along the long side (one crop: the centre). A square frame gives identical crops."""
+    frames = TF.resize(frames, img_size, antialias=True)
+    height, width = frames.shape[-2:]
+    room = max(height, width) - img_size
+    offsets = [room // 2] if num_crops == 1 else [round(c * room / (num_crops - 1)) for c in range(num_crops)]
+    if height >= width:
+        return [frames[..., o:o + img_size, :img_size] for o in offsets]
+    return [frames[..., :img_size, o:o + img_size] for o in offsets]
+
+
+def roll_and_gain(waveform):
+    """Audio augmentation (global RNG): a random circular shift and a gain of Beta(10, 10) + 0.5."""
+    shift = int(torch.randint(waveform.shape[1], (1,)))
+    gain = torch.distributions.Beta(10.0, 10.0).sample() + 0.5
+    return torch.roll(waveform, shift, dims=1) * gain
+
+
+def spec_mask(feats, freqm, timem):
+    """Optional frequency and time masking (global RNG) of normalised features (T, F). The masked
+    value is that of a raw log-Mel 0, as the authors mask before normalising."""
+    value = -FBANK_MEAN / (2 * FBANK_STD)
+    x = feats.T[None]  # (1, F, T)
+    if freqm:
+        x = torchaudio.transforms.FrequencyMasking(freqm)(x, mask_value=value)
+    if timem:
+        x = torchaudio.transforms.TimeMasking(timem)(x, mask_value=value)
+    return x[0].T
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Data sets
+
+class _ClipDataset(torch.utils.data.Dataset):
+    """What the pre-training and fine-tuning sets share: samples, clip geometry, seeding, and the
+    replacement of bad samples during training."""
+
+    def __init__(self, samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
+                 seed, strict, max_retries):
+        self.samples = list(samples)
+        self.img_size, self.num_frames, self.sampling_rate = img_size, num_frames, sampling_rate
+        self.audio_frames, self.num_mel_bins = audio_frames, num_mel_bins
+        self.seed, self.strict, self.max_retries = seed, strict, max_retries
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def set_epoch(self, epoch):
+        """Call before each epoch's iterator is created (workers copy the data set at that point)."""
+        self.epoch = epoch
+
+    def _features(self, waveform):
+        return fbank(waveform, self.audio_frames, self.num_mel_bins)
+
+    def _load_training_clip(self, index, generator):
+        """(sample, frames, waveform, bad): a failing row is replaced by a random other one, with a
+        warning; `bad` counts the replacements. Strict mode raises instead."""
+        bad = 0
+        while True:
+            sample = self.samples[index]
+            try:
+                (frames, waveform), = load_clips(sample, self.num_frames, self.sampling_rate,
+                                                 self.audio_frames, generator)
+                return sample, frames, waveform, bad
+            except DataError as e:
+                if self.strict:
+                    raise
+                bad += 1
+                if bad > self.max_retries:
+                    raise DataError(f"{bad} bad samples in a row, the last: {e}") from None
+                warnings.warn(f"replacing a bad sample: {e}", stacklevel=2)
+                index = int(torch.randint(len(self), (1,), generator=generator))
+
+
+class PretrainDataset(_ClipDataset):
+    """Pre-training items: a clip with the multi-scale crop, the audio that follows it, and masks
+    (tube masking for video, random masking for audio)."""
+
+    def __init__(self, samples, *, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
+                 num_mel_bins=128, patch_size=16, tubelet_size=2, video_mask_ratio=0.9,
+                 audio_mask_ratio=0.8, seed=0, strict=False, max_retries=10):
+        super().__init__(samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
+                         seed, strict, max_retries)
+        self.video_tokens = (num_frames // tubelet_size, (img_size // patch_size) ** 2)
+        self.audio_tokens = (audio_frames // patch_size) * (num_mel_bins // patch_size)
+        self.video_mask_ratio, self.audio_mask_ratio = video_mask_ratio, audio_mask_ratio
+
+    def __getitem__(self, index):
+        generator = item_generator(self.seed, self.epoch, index)
+        _, frames, waveform, bad = self._load_training_clip(index, generator)
+        video = normalize(multiscale_crop(frames, self.img_size, generator))
+        return dict(
+            video=video.permute(1, 0, 2, 3),
+            audio=self._features(waveform)[None],
+            video_mask=tube_mask(*self.video_tokens, self.video_mask_ratio, generator),
+            audio_mask=random_mask(self.audio_tokens, self.audio_mask_ratio, generator),
+            index=index, bad=bad)
+
+
+def _target_tensor(target):
+    if isinstance(target, int):
+        return torch.tensor(target, dtype=torch.long)
+    return torch.tensor(target, dtype=torch.float32)
+
+
+class FinetuneDataset(_ClipDataset):
+    """Fine-tuning items with their target.
+
+    train=True: one augmented clip (random resized crop, flip, RandAugment, random erasing; audio
+    roll-and-gain and optional frequency/time masking). train=False: num_clips evenly spaced clips x
+    num_crops crops, stacked as V = num_clips * num_crops views (clip-major; the crops of a clip share
+    its audio); a test row that fails raises DataError.
+    """
+
+    def __init__(self, samples, *, train, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
+                 num_mel_bins=128, num_clips=2, num_crops=2, seed=0, strict=False, max_retries=10,
+                 scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25, roll_gain=True,
+                 freqm=0, timem=0):
+        super().__init__(samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
+                         seed, strict, max_retries)
+        unlabelled = next((s.row for s in self.samples if s.target is None), None)
+        if unlabelled:
+            raise ValueError(f"{unlabelled}: fine-tuning needs a label on every row")
+        self.train, self.num_clips, self.num_crops = train, num_clips, num_crops
+        self.transform = finetune_train_transform(img_size, scale, rand_ops, rand_magnitude, erase_prob)
+        self.roll_gain, self.freqm, self.timem = roll_gain, freqm, timem
+
+    def __getitem__(self, index):
+        if not self.train:
+            return self._test_item(index)
+        generator = item_generator(self.seed, self.epoch, index)
+        sample, frames, waveform, bad = self._load_training_clip(index, generator)
+        with seeded_global_rng(generator):
+            video = self.transform(frames)
+            if self.roll_gain:
+                waveform = roll_and_gain(waveform)
+            audio = spec_mask(self._features(waveform), self.freqm, self.timem)
+        return dict(video=video.permute(1, 0, 2, 3), audio=audio[None],
+                    target=_target_tensor(sample.target), index=index, bad=bad)
+
+    def _test_item(self, index):
+        sample = self.samples[index]
+        videos, audios = [], []
+        for frames, waveform in load_clips(sample, self.num_frames, self.sampling_rate,
+                                           self.audio_frames, num_clips=self.num_clips):
+            audio = self._features(waveform)[None]
+            for crop in test_views(frames, self.img_size, self.num_crops):
+                videos.append(normalize(crop).permute(1, 0, 2, 3))
+                audios.append(audio)
+        return dict(video=torch.stack(videos), audio=torch.stack(audios),
+                    target=_target_tensor(sample.target), index=index)
+
+
+class BadSampleMonitor:
+    """Counts the samples that failed and were replaced during training (the items' `bad`) and stops
+    the run once more than `max_bad_fraction` of the samples tried failed. The fraction is judged
+    once at least 1 / max_bad_fraction samples were tried."""
+
+    def __init__(self, max_bad_fraction=0.01):
+        self.max_bad_fraction = max_bad_fraction
+        self.min_seen = math.ceil(1 / max_bad_fraction) if max_bad_fraction > 0 else 1
+        self.bad = self.seen = 0
+
+    def update(self, batch):
+        bad = int(torch.as_tensor(batch["bad"]).sum())
+        self.bad += bad
+        self.seen += len(batch["bad"]) + bad
+        if self.seen >= self.min_seen and self.bad > self.max_bad_fraction * self.seen:
+            raise RuntimeError(
+                f"{self.bad} of {self.seen} samples failed to decode ({self.bad / self.seen:.1%}, more than "
+                f"--max_bad_fraction {self.max_bad_fraction:.1%}); the warnings above name them, and "
+                f"`python data.py check MANIFEST` lists every bad row")
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The built-in demo data set
+# Synthetic talking faces: a drawn face whose mouth follows a synthetic voice; the class (4
+# emotions) shows in both the face and the voice. Written with PyAV as H.264 + AAC .mp4 files.
+
+DEMO_CLASSES = ("neutral", "happy", "sad", "angry")
+
+_DEMO_FPS = 25
+_DEMO_SECONDS = 3.0
+_DEMO_SIZE = 112  # frame height and width in pixels
+_DEMO_HOP = SAMPLE_RATE // _DEMO_FPS  # audio samples per video frame (40 ms)
+_DEMO_AAC_FRAME = 1024  # samples per AAC frame
+_DEMO_CHUNK = 15  # video frames drawn per numpy pass
+
+# Per-class cue ranges (low, high); each clip draws every cue uniformly from its class's range.
+# Ranges of neighbouring classes overlap a little, so no single cue separates the classes.
+# Voice: f0 = base pitch (Hz); slope = relative pitch change over the clip (+ rising); rate = syllables/s;
+# gain = loudness; tilt = harmonic roll-off (high = dull, low = bright); harsh = noise mixed into the voice.
+_DEMO_VOICE = {
+    "neutral": dict(f0=(140, 195), slope=(-0.10, 0.10), rate=(3.4, 4.6),
+                    gain=(0.18, 0.32), tilt=(1.1, 1.5), harsh=(0.00, 0.08)),
+    "happy": dict(f0=(185, 260), slope=(0.12, 0.45), rate=(4.4, 6.0),
+                  gain=(0.20, 0.36), tilt=(0.9, 1.3), harsh=(0.00, 0.08)),
+    "sad": dict(f0=(100, 150), slope=(-0.45, -0.12), rate=(2.4, 3.6),
+                gain=(0.08, 0.20), tilt=(1.4, 1.9), harsh=(0.00, 0.06)),
+    "angry": dict(f0=(150, 215), slope=(-0.15, 0.10), rate=(4.4, 6.0),
+                  gain=(0.32, 0.55), tilt=(0.5, 0.9), harsh=(0.15, 0.40)),
+}
+# Face, in head radii: smile = lift of the mouth corners; brow_slope > 0 lowers the inner brow ends
+# (anger), < 0 raises them (sadness); brow_lift raises both brows; eye_open scales the gap between the lids.
+_DEMO_FACE = {
+    "neutral": dict(smile=(-0.05, 0.05), brow_slope=(-0.25, 0.25), brow_lift=(-0.02, 0.04), eye_open=(0.80, 1.10)),
+    "happy": dict(smile=(0.04, 0.20), brow_slope=(-0.25, 0.15), brow_lift=(0.02, 0.10), eye_open=(0.55, 0.95)),
+    "sad": dict(smile=(-0.20, -0.04), brow_slope=(-0.90, -0.20), brow_lift=(-0.02, 0.05), eye_open=(0.55, 0.95)),
+    "angry": dict(smile=(-0.08, 0.02), brow_slope=(0.20, 0.90), brow_lift=(-0.06, 0.00), eye_open=(0.40, 0.80)),
+}
+
+
+def _draw_cues(rng, ranges):
+    """One value per cue, uniform within its (low, high) range."""
+    return {name: float(rng.uniform(low, high)) for name, (low, high) in ranges.items()}
+
+
+def _syllable_envelope(rng, rate, num_samples):
+    """Amplitude envelope in [0, 1]: smooth bumps at `rate` per second with random gaps."""
+    sr = SAMPLE_RATE
+    env = np.zeros(num_samples, np.float32)
+    t = rng.uniform(0.0, 0.3)  # silence before the first syllable
+    period = 1.0 / rate
+    while True:
+        dur = period * rng.uniform(0.55, 0.9)
+        start, stop = int(t * sr), int((t + dur) * sr)
+        if stop > num_samples:
+            break
+        phase = np.linspace(0.0, np.pi, stop - start, dtype=np.float32)
+        env[start:stop] += rng.uniform(0.6, 1.0) * np.sin(phase) ** 2
+        t += period * rng.uniform(0.9, 1.15)
+        if rng.random() < 0.15:  # occasional pause between words
+            t += rng.uniform(0.15, 0.4)
+    return env
+
+
+def _synth_voice(rng, p, env):
+    """Harmonic 'voice' shaped by `env`, with the pitch, contour, loudness and timbre of cues `p`."""
+    n, sr = env.size, SAMPLE_RATE
+    t = np.arange(n, dtype=np.float64) / sr
+    wobble = 0.04 * np.sin(2 * np.pi * rng.uniform(0.3, 1.2) * t + rng.uniform(0, 2 * np.pi))
+    f0 = p["f0"] * (1.0 + p["slope"] * (t / _DEMO_SECONDS - 0.5) + wobble)
+    phase = (2 * np.pi * np.cumsum(f0) / sr).astype(np.float32)
+    ks = np.arange(1, 11, dtype=np.float32)
+    amps = ks ** np.float32(-p["tilt"])
+    source = (amps[:, None] * np.sin(ks[:, None] * phase)).sum(0)
+    source /= np.sqrt((amps ** 2).sum() / 2)  # unit RMS
+    harsh = p["harsh"] * rng.standard_normal(n, dtype=np.float32)  # breathy / harsh noise while speaking
+    background = rng.uniform(0.003, 0.03) * rng.standard_normal(n, dtype=np.float32)
+    wave = p["gain"] * env * (source + harsh) + background
+    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+
+def _mouth_opening(env):
+    """Per video frame: RMS of the envelope over that frame's 40 ms of audio."""
+    frames = env[: env.size // _DEMO_HOP * _DEMO_HOP].reshape(-1, _DEMO_HOP)
+    return np.sqrt((frames ** 2).mean(1))
+
+
+def _soft(dist_px):
+    """Anti-aliased coverage from a signed distance in pixels (negative = inside)."""
+    return np.clip(0.5 - dist_px, 0.0, 1.0)
+
+
+def _paint(img, alpha, color):
+    """Alpha-blend a constant colour into img (3, T, H, W) in place."""
+    for channel, value in zip(img, color):
+        channel += alpha * (np.float32(value) - channel)
+
+
+def _ellipse(u, v, cu, cv, a, b, radius):
+    """Coverage of the ellipse centred (cu, cv) with half-axes (a, b), all in head radii."""
+    x, y = (u - cu) / a, (v - cv) / b
+    level = x ** 2 + y ** 2 - 1.0
+    slope = 2.0 * np.sqrt((x / a) ** 2 + (y / b) ** 2) + 1e-6
+    return _soft(level / slope * radius)  # first-order distance to the outline
+
+
+def _draw_frames(look, cx, cy, tilt, eye_open, gap):
+    """Draw frames (3, n, H, W) float32 for per-frame head pose, eye opening and mouth gap (n,)."""
+    size, radius = _DEMO_SIZE, look["radius"]
+    cx, cy, tilt, eye_open, gap = (np.asarray(a, np.float32)[:, None, None] for a in (cx, cy, tilt, eye_open, gap))
+    cos, sin = np.cos(tilt), np.sin(tilt)
+    img = np.empty((3, cx.shape[0], size, size), np.float32)  # channels first: fast painting
+    img[:] = look["background"][:, None]
+
+    def window(u_half, v_top, v_bottom):
+        """View of img covering face points |u| <= u_half, v_top <= v <= v_bottom in every frame,
+        with the face coordinates (u, v) of its pixels (head centre 0, head radius 1)."""
+        cu, cv = np.array([-u_half, u_half, -u_half, u_half]), np.array([v_top, v_top, v_bottom, v_bottom])
+        px, py = cx + radius * (cos * cu - sin * cv), cy + radius * (sin * cu + cos * cv)
+        x0, x1 = max(int(px.min()) - 1, 0), min(int(px.max()) + 2, size)
+        y0, y1 = max(int(py.min()) - 1, 0), min(int(py.max()) + 2, size)
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        dx, dy = xs - cx, ys - cy
+        return img[:, :, y0:y1, x0:x1], (cos * dx + sin * dy) / radius, (cos * dy - sin * dx) / radius
+
+    view, u, v = window(0.9, -1.1, 1.1)
+    _paint(view, _ellipse(u, v, 0.0, 0.0, 0.85, 1.05, radius), look["skin"])
+
+    # Eyes: white and iris, shown between lids whose gap carries the eye opening and blinks.
+    view, u, v = window(0.6, -0.85, 0.0)
+    lids = _soft((np.abs(v + 0.15) - 0.12 * eye_open) * radius)
+    for side in (-1, 1):
+        white = lids * _ellipse(u, v, side * 0.35, -0.15, 0.18, 0.12, radius)
+        _paint(view, white, (240, 240, 235))
+        _paint(view, white * _ellipse(u, v, side * 0.35, -0.15, 0.08, 0.08, radius), (35, 30, 40))
+
+    # Brows: bars above the eyes; slope > 0 lowers the inner ends (anger), < 0 raises them (sadness).
+    au = np.abs(u)
+    brow_v = -0.42 - look["brow_lift"] - look["brow_slope"] * (au - 0.35)
+    _paint(view, _soft(np.maximum(np.abs(v - brow_v) - 0.065, np.abs(au - 0.35) - 0.2) * radius), look["hair"])
+
+    # Mouth: lips along a centre line curved by `smile`, dark opening between them.
+    view, u, v = window(0.55, 0.05, 0.9)
+    au, width, smile = np.abs(u), look["mouth_width"], look["smile"]
+    across = np.clip(u / width, -1.0, 1.0)
+    centre = 0.45 - smile * across ** 2 + smile / 3
+    half_gap = gap * np.sqrt(1.0 - across ** 2)
+    _paint(view, _soft(np.maximum(np.abs(v - centre) - half_gap - 0.04, au - width) * radius), look["lips"])
+    _paint(view, _soft(np.maximum(np.abs(v - centre) - half_gap, au - width + 0.03) * radius), (55, 15, 25))
+    return img
+
+
+def _render_face(rng, p, opening):
+    """Frames (T, H, W, 3) uint8 of a random face with expression cues `p`, whose mouth opening
+    follows `opening` (T,) in [0, 1]."""
+    num, size = opening.size, _DEMO_SIZE
+    t = np.arange(num) / _DEMO_FPS
+
+    def sway(amplitude, low_hz, high_hz):
+        return amplitude * np.sin(2 * np.pi * rng.uniform(low_hz, high_hz) * t + rng.uniform(0, 2 * np.pi))
+
+    # Per clip: colours, size and expression. Background is a random colour with a gentle gradient.
+    ys, xs = np.mgrid[0:size, 0:size] / size - 0.5
+    grad = rng.uniform(-25, 25, 2)
+    background = rng.uniform(70, 230, 3)[:, None, None] + grad[0] * xs + grad[1] * ys
+    skin = np.array([120, 80, 55]) + rng.uniform() * np.array([125, 125, 120]) + rng.uniform(-12, 12, 3)
+    look = dict(p, radius=rng.uniform(0.27, 0.37) * size, skin=skin, lips=skin * 0.55 + np.array([90, 10, 20]),
+                hair=rng.uniform(15, 80) * np.array([1.0, 0.8, 0.65]),
+                background=np.clip(background, 0, 255).astype(np.float32),
+                mouth_width=0.36 + max(p["smile"], 0.0) * 0.4)
+
+    # Per frame: head drift, bob and tilt; blinks; mouth gap from the audio envelope.
+    cx = rng.uniform(0.4, 0.6) * size + rng.uniform(-3, 3) * t + sway(2.0, 0.2, 0.6)
+    cy = rng.uniform(0.42, 0.58) * size + sway(2.0, 0.3, 0.9)
+    tilt = rng.uniform(-0.12, 0.12) + sway(0.05, 0.2, 0.5)
+    eye_open = np.full(num, p["eye_open"])
+    for start in rng.integers(0, num, size=rng.integers(0, 3)):
+        eye_open[start:start + 3] *= 0.15
+    gap = rng.uniform(0.75, 1.0) * 0.15 * opening
+
+    # Draw a few frames at a time: small temporaries keep numpy fast.
+    frames = np.empty((num, size, size, 3), np.uint8)
+    for s in range(0, num, _DEMO_CHUNK):
+        part = slice(s, s + _DEMO_CHUNK)
+        img = _draw_frames(look, cx[part], cy[part], tilt[part], eye_open[part], gap[part])
+        frames[part] = np.clip(img + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 3, 0)
+    return frames
+
+
+def _write_mp4(path, frames, wave):
+    """Write frames (T, H, W, 3) uint8 as H.264 and wave (N,) float32 as AAC into one .mp4."""
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=_DEMO_FPS, options={"preset": "veryfast", "crf": "23"})
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        video.codec_context.thread_count = 1  # deterministic output
+        audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono", options={"aac_coder": "fast"})
+        audio.bit_rate = 32000
+        # Mux in time order: after each video frame, the audio chunks that start before its end.
+        next_sample = 0
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            container.mux(video.encode(frame))
+            frame_end = wave.size if i == len(frames) - 1 else (i + 1) * _DEMO_HOP
+            while next_sample < frame_end:
+                chunk = av.AudioFrame.from_ndarray(
+                    wave[None, next_sample:next_sample + _DEMO_AAC_FRAME], format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = SAMPLE_RATE, next_sample
+                container.mux(audio.encode(chunk))
+                next_sample += _DEMO_AAC_FRAME
+        container.mux(video.encode(None))
+        container.mux(audio.encode(None))
+
+
+def _demo_clip(seed, split_id, index, label):
+    """Frames and waveform of one clip; its randomness comes only from (seed, split, index)."""
+    rng = np.random.default_rng([seed, split_id, index])
+    name = DEMO_CLASSES[label]
+    voice = _draw_cues(rng, _DEMO_VOICE[name])
+    env = _syllable_envelope(rng, voice["rate"], int(_DEMO_SECONDS * SAMPLE_RATE))
+    wave = _synth_voice(rng, voice, env)
+    frames = _render_face(rng, _draw_cues(rng, _DEMO_FACE[name]), _mouth_opening(env))
+    return frames, wave
+
+
+def write_demo(out_dir, seed=0, num_train=240, num_test=80):
+    """Write the demo set: OUT_DIR/videos/*.mp4, train.csv, test.csv and classes.txt.
+
+    Manifest rows are `<video path> <audio path> <label>` with absolute paths; the audio path is the
+    .mp4 itself. Classes are balanced (clip i has label i % 4). Returns the two manifest paths.
+    """
+    out_dir = Path(out_dir).resolve()
+    if any(ch.isspace() for ch in str(out_dir)):
+        raise ValueError(f"demo output path must not contain whitespace (manifests are space separated): {out_dir}")
+    video_dir = out_dir / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "classes.txt").write_text("".join(name + "\n" for name in DEMO_CLASSES))
+    manifests = []
+    for split_id, (split, count) in enumerate((("train", num_train), ("test", num_test))):
+        rows = []
+        for index in range(count):
+            label = index % len(DEMO_CLASSES)
+            path = video_dir / f"{split}_{index:04d}_{DEMO_CLASSES[label]}.mp4"
+            _write_mp4(path, *_demo_clip(seed, split_id, index, label))
+            rows.append(f"{path} {path} {label}\n")
+        manifest = out_dir / f"{split}.csv"
+        manifest.write_text("".join(rows))
+        manifests.append(str(manifest))
+    return manifests[0], manifests[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Command line
+
+def _dataset_for(samples, task, **kwargs):
+    """The training data set of a task, as the training scripts build it."""
+    if task == "pretrain":
+        return PretrainDataset(samples, **kwargs)
+    return FinetuneDataset(samples, train=True, **kwargs)
+
+
+class _RowCheck(torch.utils.data.Dataset):
+    """Items of a strict data set, turned into None (decoded) or the error message, so that the
+    loader goes on past a bad row."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            self.dataset[index]
+            return None
+        except DataError as e:
+            return str(e)
+
+
+def _as_list(batch):
+    return batch
+
+
+def check(manifest, root_map=(), workers=0, task=None):
+    """Decode every row as training does; print one line per failing row, then `N ok, M failed`.
+    Returns the number of failed rows."""
+    task = task or guess_task(manifest)
+    errors = []
+    samples = read_manifest(manifest, root_map, task, errors=errors)
+    for e in errors:
+        print(e, flush=True)
+    loader = torch.utils.data.DataLoader(_RowCheck(_dataset_for(samples, task, strict=True)),
+                                         batch_size=1, num_workers=workers, collate_fn=_as_list)
+    failed = len(errors)
+    for (error,) in loader:
+        if error is not None:
+            print(error, flush=True)
+            failed += 1
+    print(f"{len(samples) + len(errors) - failed} ok, {failed} failed")
+    return failed
+
+
+def scan(root, out, audio_root=None):
+    """Write a pre-training manifest for a VoxCeleb2-style tree ROOT/idXXXXX/<youtube id>/NNNNN.mp4.
+    The audio is the file with the same relative name and a .m4a or .wav suffix under `audio_root`
+    when there is one, else the video file's own stream. Returns the number of rows."""
+    videos = sorted(Path(root).glob("*/*/*.mp4"))
+    separate = 0
+    with open(out, "w") as f:
+        for video in videos:
+            audio = video
+            if audio_root is not None:
+                rel = video.relative_to(root)
+                found = [p for p in (Path(audio_root) / rel.with_suffix(s) for s in (".m4a", ".wav")) if p.is_file()]
+                if found:
+                    audio, separate = found[0], separate + 1
+            f.write(f"{video.absolute()} {Path(audio).absolute()}\n")
+    print(f"{len(videos)} clips ({separate} with a separate audio file) written to {out}")
+    return len(videos)
+
+
+def bench(manifest, root_map=(), workers=0, batch_size=8, num_batches=20, task=None):
+    """Print the loader's decoded clips per second over num_batches batches (after one warm-up)."""
+    task = task or guess_task(manifest)
+    dataset = _dataset_for(read_manifest(manifest, root_map, task), task)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=(num_batches + 1) * batch_size,
+                                             generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    clips = sum(len(batch["index"]) for batch in batches)
+    seconds = time.perf_counter() - start
+    print(f"{task}: {clips} clips in {seconds:.1f} s = {clips / seconds:.1f} clips/s "
+          f"({workers} workers, batch {batch_size})")
+    return clips / seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("check", help="decode every row as training does and list the failing ones")
+    p.add_argument("manifest")
+    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", help="rewrite a path prefix (repeatable)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--task", choices=TASKS, help="default: from the first row")
+    p = commands.add_parser("demo", help="write the built-in demo data set")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p = commands.add_parser("scan", help="write a pre-training manifest for a VoxCeleb2-style tree")
+    p.add_argument("root")
+    p.add_argument("--out", required=True)
+    p.add_argument("--audio_root", help="a parallel tree of .m4a/.wav files with the same relative names")
+    p = commands.add_parser("bench", help="print the loader's clips per second")
+    p.add_argument("manifest")
+    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_batches", type=int, default=20)
+    p.add_argument("--task", choices=TASKS, help="default: from the first row")
+    args = parser.parse_args(argv)
+
+    if args.command == "check":
+        return 1 if check(args.manifest, parse_root_map(args.root_map), args.workers, args.task) else 0
+    if args.command == "demo":
+        start = time.perf_counter()
+        train, test = write_demo(args.out_dir, args.seed)
+        print(f"wrote {train} and {test} in {time.perf_counter() - start:.0f} s")
+    elif args.command == "scan":
+        scan(args.root, args.out, args.audio_root)
+    elif args.command == "bench":
+        bench(args.manifest, parse_root_map(args.root_map), args.workers, args.batch_size, args.num_batches, args.task)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
