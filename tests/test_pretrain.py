@@ -1,6 +1,7 @@
 """pretrain.py on CPU: DDP equals one process, exact mid-epoch resume, NaN stop, --init, a falling loss."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +29,26 @@ def manifest(tmp_path_factory):
     return str(train)
 
 
+def launch(command, timeout=300):
+    """Run a command in its own process group; on a time-out kill the group (torchrun's workers too)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(command)}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
+
+
 def run(*args, torchrun=False):
     """pretrain.py in a fresh process (one, or two under torchrun with gloo)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
         if torchrun else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(launcher + [str(REPO / "pretrain.py"), *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return launch(launcher + [str(REPO / "pretrain.py"), *args])
 
 
 def logged(output_dir):
@@ -70,12 +82,8 @@ def test_both_ranks_end_with_identical_weights(manifest, tmp_path):
         "import pretrain\n"
         "model = pretrain.main(sys.argv[1:])\n"
         f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(launcher), *TINY, "--data_path", manifest, "--epochs", "1", "--batch_size", "2",
-                             "--output_dir", str(tmp_path / "run")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+            *TINY, "--data_path", manifest, "--epochs", "1", "--batch_size", "2", "--output_dir", str(tmp_path / "run")])
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     initial = pretrain.HiCMAE(pretrain.model_config(pretrain.build_parser().parse_args(TINY))).state_dict()
@@ -127,10 +135,10 @@ def test_init_from_the_authors_checkpoint(manifest, tmp_path):
               "--fusion_depth", "2", "--decoder_dim", "32", "--decoder_heads", "2", "--decoder_depth", "4",
               "--video_mask_ratio", "0.75", "--audio_mask_ratio", "0.5", "--num_workers", "0"]
     out = tmp_path / "init"
-    result = run(*config, "--data_path", manifest, "--epochs", "1", "--batch_size", "4", "--base_lr", "0",
+    stdout = run(*config, "--data_path", manifest, "--epochs", "1", "--batch_size", "4", "--base_lr", "0",
                  "--min_lr", "0", "--warmup_lr", "0", "--visualize_every", "0", "--output_dir", str(out),
                  "--init", str(REFERENCE / "official_tiny_checkpoint-99.pth"))
-    assert "initialised from" in result.stdout
+    assert "initialised from" in stdout
     theirs = convert_official(model_state(load_checkpoint(REFERENCE / "official_tiny_checkpoint-99.pth")))
     ours = weights(out / "last.pth")
     assert set(ours) == set(theirs)
