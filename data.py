@@ -36,11 +36,11 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from model import IMAGENET_MEAN, IMAGENET_STD  # the model's input normalisation, owned by model.py
+
 # ----------------------------------------------------------------------------------------------
 # 0. Constants and the error type
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FBANK_MEAN = -4.2677393  # AudioSet statistics of the log-Mel features, as the authors
 FBANK_STD = 4.5689974
 SAMPLE_RATE = 16000

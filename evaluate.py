@@ -1,0 +1,533 @@
+"""Evaluation for HiCMAE: metrics, multi-clip testing, predictions files, single-video inference.
+
+One file, top to bottom:
+  1. metrics: classification (UAR, WAR, weighted and macro F1, AUC, confusion matrix) and
+     regression (PCC, CCC, MSE per dimension)
+  2. predictions files: one CSV row per test video, enough to recompute every metric
+  3. the confusion matrix as a PNG
+  4. multi-view testing (finetune.py tests with it every epoch) and fine-tuned checkpoints
+  5. command line
+
+Command line:
+  python evaluate.py --checkpoint C --data_path TEST [--root_map OLD=NEW]
+      test a fine-tuned checkpoint on a manifest, 2 clips x 2 crops per video with the scores
+      averaged; print the metrics, write predictions.csv and confusion.png to --output_dir
+      (default: eval-<checkpoint name>/ beside the checkpoint)
+  python evaluate.py --predictions FILE.csv [--output_dir D]
+      recompute and print every metric from a predictions file (and write D/confusion.png)
+  python evaluate.py --checkpoint C --video FILE.mp4 [--audio FILE.wav] [--class_names ...]
+      the class probabilities (or regression values) of one video (face crops, as in the data sets)
+  add --features OUT.npy to either checkpoint form to save the features the head sees, one row per video
+
+The authors select their model (the epoch) on the test split; numbers obtained that way are
+test-selected, and we say so wherever we report them.
+"""
+
+import argparse
+import csv
+import math
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.io import write_png
+
+import data
+from model import HiCMAEClassifier, HiCMAEConfig, load_checkpoint
+from pretrain import autocast, setup
+
+# ----------------------------------------------------------------------------------------------
+# 1. Metrics
+
+CLASSIFICATION_KEYS = ("uar", "war", "weighted_f1", "macro_f1", "auc")
+CLASSIFICATION_LABELS = {"uar": "UAR", "war": "WAR", "weighted_f1": "weighted F1", "macro_f1": "macro F1", "auc": "AUC"}
+REGRESSION_KEYS = ("pcc", "ccc", "mse")
+
+
+def _float64(x):
+    return torch.as_tensor(x, dtype=torch.float64).detach().cpu()
+
+
+def _names(names, count):
+    """names as strings, checked to be count; by default "0", "1", ..."""
+    names = [str(n) for n in names] if names is not None else [str(i) for i in range(count)]
+    if len(names) != count:
+        raise ValueError(f"{len(names)} names for {count} columns")
+    return names
+
+
+def confusion_matrix(targets, predictions, num_classes):
+    """(K, K) int64 counts: rows are the true classes, columns the predicted ones."""
+    cells = targets * num_classes + predictions
+    return torch.bincount(cells, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def average_ranks(values):
+    """1-based ranks of a 1-D tensor; tied values share the mean of their ranks."""
+    _, group, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
+    last = torch.cumsum(counts, 0).to(torch.float64)  # the rank of the last member of each group of ties
+    return (last - (counts - 1) / 2)[group]
+
+
+def roc_auc(scores, positive):
+    """Area under the ROC curve of scores (N,) for the boolean labels positive (N,), NaN without both kinds.
+
+    It is the Mann-Whitney U statistic over n_pos * n_neg: the chance that a random positive scores
+    above a random negative, a tie counting one half.
+    """
+    n_pos = int(positive.sum())
+    n_neg = positive.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    u = average_ranks(scores)[positive].sum().item() - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def _check_classification(scores, targets, num_classes):
+    if scores.ndim != 2 or targets.shape != scores.shape[:1] or len(targets) == 0:
+        raise ValueError(f"expected scores (N, K) and targets (N,) with N > 0, got {tuple(scores.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if num_classes is not None and num_classes != scores.shape[1]:
+        raise ValueError(f"{num_classes} classes, but the scores have {scores.shape[1]} columns")
+    low, high = targets.min().item(), targets.max().item()
+    if low < 0 or high >= scores.shape[1]:
+        raise ValueError(f"targets must lie in [0, {scores.shape[1]}), got {low}..{high}")
+
+
+def classification_metrics(scores, targets, num_classes=None):
+    """UAR, WAR, weighted and macro F1, macro AUC, per-class recall and the confusion matrix.
+
+    scores (N, K): probabilities or logits; the prediction is the arg max (the first on ties), and AUC
+    ranks the scores of each column, so it differs between logits and probabilities: pass
+    probabilities, as the predictions file holds. targets (N,): class indices. num_classes, when
+    given, must equal K. Every value is a Python float (or list), fractions rather than percentages.
+    """
+    scores = _float64(scores)
+    targets = torch.as_tensor(targets).to("cpu", torch.long)
+    _check_classification(scores, targets, num_classes)
+    k = scores.shape[1]
+    confusion = confusion_matrix(targets, scores.argmax(1), k)
+    counts = confusion.to(torch.float64)
+    hits, support, predicted = counts.diag(), counts.sum(1), counts.sum(0)
+
+    recall = hits / support  # NaN for a class without samples: UAR averages the classes present
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (support + predicted). A class with no true and no
+    # predicted sample has 0 / 0, which we set to 0 as scikit-learn does (zero_division=0). Macro F1
+    # averages over the classes seen in targets or predictions (scikit-learn's default labels, which
+    # the authors' f1_score call uses), so such a class does not pull it down; weighted F1 weights
+    # each class by its true support, so it carries no weight there either.
+    seen = support + predicted
+    f1 = torch.where(seen > 0, 2 * hits / seen.clamp(min=1), 0.0)
+    auc = torch.tensor([roc_auc(scores[:, c], targets == c) for c in range(k)], dtype=torch.float64)
+    return {
+        "uar": recall.nanmean().item(),
+        "war": (hits.sum() / len(targets)).item(),
+        "weighted_f1": ((f1 * support).sum() / support.sum()).item(),
+        "macro_f1": f1[seen > 0].mean().item(),
+        "auc": auc.nanmean().item(),  # one-vs-rest, over the classes with positives and negatives
+        "per_class_recall": recall.tolist(),
+        "confusion": confusion.tolist(),
+    }
+
+
+def regression_metrics(preds, targets, names=None):
+    """PCC, CCC and MSE per dimension, and their means over the dimensions.
+
+    preds, targets: (N, D), or (N,) for one dimension. names: one per dimension (default "0", "1", ...).
+    Moments are population moments (divided by N). PCC is NaN for a dimension whose predictions or
+    targets are all equal: the correlation is undefined there, and a mean over dimensions that
+    includes it is NaN too. CCC stays defined (0 for constant predictions of varying targets).
+    The authors' evaluation divides the (co)variances of CCC by N - 1 but not the mean term; the
+    difference is of order 1 / N.
+    """
+    preds, targets = _float64(preds), _float64(targets)
+    if preds.ndim == 1:
+        preds, targets = preds[:, None], targets.reshape(-1, 1)
+    if preds.ndim != 2 or preds.shape != targets.shape or len(preds) == 0:
+        raise ValueError(f"expected preds and targets of the same shape (N, D), N > 0, got "
+                         f"{tuple(preds.shape)} and {tuple(targets.shape)}")
+    names = _names(names, preds.shape[1])
+
+    mean_p, mean_t = preds.mean(0), targets.mean(0)
+    dev_p, dev_t = preds - mean_p, targets - mean_t
+    var_p, var_t, cov = (dev_p ** 2).mean(0), (dev_t ** 2).mean(0), (dev_p * dev_t).mean(0)
+    # A constant column's mean is not always exact in floating point, so test constancy directly.
+    constant = (preds == preds[0]).all(0) | (targets == targets[0]).all(0)
+    pcc = torch.where(constant, math.nan, cov / (var_p * var_t).sqrt())
+    ccc = 2 * cov / (var_p + var_t + (mean_p - mean_t) ** 2)
+    mse = ((preds - targets) ** 2).mean(0)
+    metrics = {"names": names}
+    for key, per_dim in zip(REGRESSION_KEYS, (pcc, ccc, mse)):
+        metrics[key] = per_dim.mean().item()
+        metrics[f"per_dim_{key}"] = per_dim.tolist()
+    return metrics
+
+
+def _table(rows):
+    """Rows of cells as text: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]).rstrip()
+            for row in rows]
+
+
+def format_metrics(metrics, class_names=None):
+    """A readable table of the output of classification_metrics or regression_metrics.
+
+    Classification in percent with 2 decimals, regression with 4 decimals.
+    """
+    if "uar" not in metrics:
+        names = metrics["names"]
+        rows = [[""] + names + ["mean"]]
+        rows += [[key.upper()] + [f"{v:.4f}" for v in metrics[f"per_dim_{key}"] + [metrics[key]]]
+                 for key in REGRESSION_KEYS]
+        return "\n".join(_table(rows))
+
+    names = _names(class_names, len(metrics["confusion"]))
+    lines = _table([[CLASSIFICATION_LABELS[key], f"{100 * metrics[key]:.2f}%"] for key in CLASSIFICATION_KEYS])
+    recalls = (f"{name} {100 * r:.2f}%" for name, r in zip(names, metrics["per_class_recall"]))
+    lines.append("per-class recall  " + "  ".join(recalls))
+    lines.append("confusion (rows: true, columns: predicted)")
+    rows = [[""] + names] + [[name] + [str(n) for n in counts] for name, counts in zip(names, metrics["confusion"])]
+    lines += ["  " + line for line in _table(rows)]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Predictions files
+#
+# A CSV file with a header and one row per video:
+#   classification: path, target, score_<class name> ...   (the class probabilities)
+#   regression:     path, target_<name> ..., pred_<name> ...
+# Numbers are written with repr, the shortest text that reads back to the same float, so the
+# metrics recomputed from the file equal those computed in memory.
+
+def write_predictions(path, paths, targets, scores, task, class_names=None):
+    """Write the predictions file of a test run.
+
+    paths (N,): the videos. classification: targets (N,) class indices, scores (N, K) class
+    probabilities, class_names the K class names (default the indices). regression: targets and
+    scores (N, D) (or (N,)), class_names the D dimension names (default the indices).
+    """
+    scores = _float64(scores)
+    if task == "classification":
+        targets = torch.as_tensor(targets).to(torch.long)
+        target_cells = [[str(t)] for t in targets.tolist()]
+        header = ["path", "target"] + [f"score_{n}" for n in _names(class_names, scores.shape[1])]
+    elif task == "regression":
+        scores, targets = scores.reshape(len(scores), -1), _float64(targets).reshape(len(scores), -1)
+        target_cells = [[repr(v) for v in row] for row in targets.tolist()]
+        names = _names(class_names, scores.shape[1])
+        header = ["path"] + [f"target_{n}" for n in names] + [f"pred_{n}" for n in names]
+    else:
+        raise ValueError(f"task is 'classification' or 'regression', got {task!r}")
+    if not len(paths) == len(target_cells) == len(scores):
+        raise ValueError(f"{len(paths)} paths, {len(target_cells)} targets and {len(scores)} scores")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for video, cells, row in zip(paths, target_cells, scores.tolist()):
+            writer.writerow([video] + cells + [repr(v) for v in row])
+
+
+def _suffixes(columns, prefix, path):
+    """The names after prefix of header columns that must all start with it."""
+    if not all(c.startswith(prefix) for c in columns):
+        raise ValueError(f"{path}: expected columns {prefix}<name>, got {columns}")
+    return [c[len(prefix):] for c in columns]
+
+
+def read_predictions(path):
+    """(paths, targets, scores, task, names) from a predictions file; the task comes from the header.
+
+    classification: targets int64 (N,), scores float64 (N, K), names the K class names;
+    regression: targets and scores float64 (N, D), names the D dimension names.
+    """
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header, rows = next(reader, []), list(reader)
+    if header[:1] != ["path"] or len(header) < 3:
+        raise ValueError(f"{path}: not a predictions file (header {header})")
+    if header[1] == "target":
+        task, num_targets = "classification", 1
+        names = _suffixes(header[2:], "score_", path)
+    else:
+        task, num_targets = "regression", (len(header) - 1) // 2
+        names = _suffixes(header[1:1 + num_targets], "target_", path)
+        if _suffixes(header[1 + num_targets:], "pred_", path) != names:
+            raise ValueError(f"{path}: the target_ and pred_ columns name different dimensions")
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{line}: {len(row)} cells, the header has {len(header)}")
+    try:
+        targets = [[float(v) for v in row[1:1 + num_targets]] for row in rows]
+        scores = [[float(v) for v in row[1 + num_targets:]] for row in rows]
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    targets = torch.tensor(targets, dtype=torch.float64).reshape(len(rows), num_targets)
+    scores = torch.tensor(scores, dtype=torch.float64).reshape(len(rows), len(names))
+    if task == "classification":
+        targets = targets[:, 0].to(torch.long)
+    return [row[0] for row in rows], targets, scores, task, names
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The confusion matrix as a PNG
+
+CELL_PX = 64  # side of one cell
+LABEL_PX = 120  # room for the class names left of and above the matrix
+TITLE_PX = 24  # room for the axis titles
+MARGIN_PX = 8  # right and bottom
+FULL_COLOUR = (8, 48, 107)  # a row share of 100%; 0% is white
+
+
+def _fit(text, font, width):
+    """text, cut short with an ellipsis to at most width pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _rotated_text(image, text, font, box, centred=False):
+    """Draw text reading bottom to top in box (left, top, right, bottom): from its bottom, or centred."""
+    left, top, right, bottom = box
+    mask = Image.new("L", (bottom - top, right - left))
+    at = ((bottom - top) // 2 if centred else 0, (right - left) // 2)
+    ImageDraw.Draw(mask).text(at, text, font=font, fill=255, anchor="mm" if centred else "lm")
+    image.paste("black", box, mask.rotate(90, expand=True))
+
+
+def save_confusion_png(confusion, path, class_names=None):
+    """A PNG of the confusion matrix: rows (true classes) normalised to shares, drawn as a heat map.
+
+    Each cell shows its row share in percent and its count; class names longer than the room are
+    cut short. The image is square, of side TITLE_PX + LABEL_PX + K * CELL_PX + MARGIN_PX.
+    """
+    counts = torch.as_tensor(confusion, dtype=torch.float64)
+    k = len(counts)
+    if counts.shape != (k, k):
+        raise ValueError(f"a confusion matrix is square, got {tuple(counts.shape)}")
+    support = counts.sum(1, keepdim=True)
+    shares = counts / support.clamp(min=1)  # a class without samples stays white and shows "–"
+    names = _names(class_names, k)
+    origin = TITLE_PX + LABEL_PX  # the matrix's top-left corner, in x and in y
+    side = origin + k * CELL_PX + MARGIN_PX
+    image = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(image)
+    font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
+
+    for i in range(k):
+        for j in range(k):
+            share = shares[i, j].item()
+            x, y = origin + j * CELL_PX, origin + i * CELL_PX
+            colour = tuple(round(255 + share * (c - 255)) for c in FULL_COLOUR)
+            draw.rectangle((x, y, x + CELL_PX - 1, y + CELL_PX - 1), fill=colour, outline=(190, 190, 190))
+            ink = "white" if share > 0.5 else "black"
+            centre = x + CELL_PX // 2
+            percent = f"{100 * share:.0f}%" if support[i] > 0 else "–"
+            draw.text((centre, y + CELL_PX // 2 - 7), percent, font=font, fill=ink, anchor="mm")
+            draw.text((centre, y + CELL_PX // 2 + 11), f"{int(counts[i, j])}", font=small, fill=ink, anchor="mm")
+
+    for c, name in enumerate(names):
+        name = _fit(name, font, LABEL_PX - 12)
+        middle = origin + c * CELL_PX + CELL_PX // 2
+        draw.text((origin - 6, middle), name, font=font, fill="black", anchor="rm")
+        _rotated_text(image, name, font, (middle - CELL_PX // 2, TITLE_PX, middle + CELL_PX // 2, origin - 6))
+    draw.text((origin + k * CELL_PX // 2, TITLE_PX // 2), "predicted", font=font, fill="black", anchor="mm")
+    _rotated_text(image, "true", font, (0, origin, TITLE_PX, origin + k * CELL_PX), centred=True)
+    write_png(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Multi-view testing and fine-tuned checkpoints
+
+SELECTION_KEY = {"classification": "uar", "regression": "ccc"}  # what picks best.pth in finetune.py
+
+
+def compute_metrics(scores, targets, task, names=None):
+    """classification_metrics (names unused) or regression_metrics, by task."""
+    if task == "classification":
+        return classification_metrics(scores, targets)
+    return regression_metrics(scores, targets, names)
+
+
+def test_set(samples, cfg, sampling_rate, num_clips, num_crops):
+    """The test items of samples: num_clips evenly spaced clips x num_crops crops = V views each."""
+    return data.FinetuneDataset(samples, train=False, img_size=cfg.img_size, num_frames=cfg.num_frames,
+                                sampling_rate=sampling_rate, audio_frames=cfg.audio_frames,
+                                num_mel_bins=cfg.mel_bins, num_clips=num_clips, num_crops=num_crops)
+
+
+@torch.no_grad()
+def predict(model, loader, task, device, amp=nullcontext, features=False):
+    """Run every view of every test item through a HiCMAEClassifier and average per item over its V
+    views: the class probabilities (classification, as the authors) or the outputs (regression),
+    and with features=True the fused features the head sees. amp() is the autocast context.
+
+    Under torch.distributed each rank tests its share and every rank gets all the results; the
+    repeats that DistributedSampler pads with are dropped. Returns (indices (N,), scores (N, K or D),
+    features (N, F) or None), in the order of the indices.
+    """
+    was_training = model.training
+    model.eval()
+    indices, scores, feats = [], [], []
+    for batch in loader:
+        video, audio = batch["video"].to(device), batch["audio"].to(device)  # (B, V, ...)
+        b, v = video.shape[:2]
+        with amp():
+            feature = model.forward_features(video.flatten(0, 1), audio.flatten(0, 1))
+            out = model.head(feature).float().view(b, v, -1)
+        scores.append((out.softmax(-1) if task == "classification" else out).mean(1).cpu())
+        if features:
+            feats.append(feature.float().view(b, v, -1).mean(1).cpu())
+        indices.append(torch.as_tensor(batch["index"]))
+    model.train(was_training)
+    result = [torch.cat(indices), torch.cat(scores), torch.cat(feats) if features else None]
+    if dist.is_available() and dist.is_initialized():
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, result)
+        result = [None if r is None else torch.cat([share[i] for share in shares]) for i, r in enumerate(result)]
+    index, order = result[0].sort(stable=True)
+    first = torch.ones_like(index, dtype=torch.bool)
+    first[1:] = index[1:] != index[:-1]  # the first copy of each index
+    order = order[first]
+    return tuple(None if r is None else r[order] for r in result)
+
+
+def load_finetuned(path, device="cpu"):
+    """(model in eval mode, the run's arguments) from a checkpoint of finetune.py (best.pth, last.pth).
+
+    The checkpoint alone rebuilds the model (model_config, modality, num_outputs); its arguments also
+    say how to test it (task, class_names, sampling_rate, num_clips, num_crops, dtype).
+    """
+    ckpt = load_checkpoint(path)
+    run = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if not isinstance(run, dict) or "model_config" not in ckpt or "modality" not in run:
+        raise ValueError(f"{path}: not a checkpoint of finetune.py (no model_config and fine-tuning arguments)")
+    model = HiCMAEClassifier(HiCMAEConfig.from_dict(ckpt["model_config"]), run["modality"], run["num_outputs"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), run
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Command line
+
+def report(scores, targets, task, names=None, output_dir=None):
+    """Print every metric; for classification with output_dir, also write confusion.png there."""
+    metrics = compute_metrics(scores, targets, task, names)
+    if task == "regression":
+        print(format_metrics(metrics))
+        return metrics
+    print(format_metrics(metrics, names))
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        save_confusion_png(metrics["confusion"], os.path.join(output_dir, "confusion.png"), names)
+    return metrics
+
+
+def report_predictions(path, output_dir=None):
+    """Print every metric of a predictions file; with output_dir, also write confusion.png there."""
+    _, targets, scores, task, names = read_predictions(path)
+    print(f"{path}: {len(targets)} videos, {task}")
+    return report(scores, targets, task, names, output_dir)
+
+
+def test_checkpoint(args, model, run, env, names):
+    """Multi-view test of a manifest: print the metrics, write predictions.csv (and confusion.png)."""
+    samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), run["task"])
+    dataset = test_set(samples, model.cfg, run["sampling_rate"], args.num_clips, args.num_crops)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    indices, scores, features = predict(model, loader, run["task"], env.device, lambda: autocast(args, env),
+                                        features=bool(args.features))
+    rows = [samples[i] for i in indices.tolist()]
+    targets = torch.tensor([s.target for s in rows])
+    output_dir = args.output_dir or Path(args.checkpoint).parent / f"eval-{Path(args.checkpoint).stem}"
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "predictions.csv")
+    write_predictions(path, [s.video for s in rows], targets, scores, run["task"], names)
+    print(f"{path}: {len(samples)} videos, {run['task']}, {args.num_clips} clips x {args.num_crops} crops")
+    if args.features:
+        np.save(args.features, features.numpy())
+        print(f"{args.features}: features {tuple(features.shape)}")
+    return report(scores, targets, run["task"], names, output_dir)
+
+
+def classify_video(args, model, run, env, names):
+    """Print the top classes with their probabilities (or the regression values) of one recording."""
+    task = run["task"]
+    placeholder = 0 if task == "classification" else [0.0] * run["num_outputs"]  # FinetuneDataset wants a target
+    sample = data.Sample(args.video, args.audio, placeholder, row=args.video)
+    dataset = test_set([sample], model.cfg, run["sampling_rate"], args.num_clips, args.num_crops)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1)
+    _, scores, features = predict(model, loader, task, env.device, lambda: autocast(args, env),
+                                  features=bool(args.features))
+    scores = scores[0]
+    names = _names(names, len(scores))
+    print(f"{args.video}: {args.num_clips} clips x {args.num_crops} crops")
+    if task == "classification":
+        top = scores.argsort(descending=True)[:args.top_k].tolist()
+        lines = _table([[names[c], f"{scores[c].item():.4f}"] for c in top])
+    else:
+        lines = _table([[name, f"{value:.4f}"] for name, value in zip(names, scores.tolist())])
+    print("\n".join("  " + line for line in lines))
+    if args.features:
+        np.save(args.features, features.numpy())
+        print(f"{args.features}: features {tuple(features.shape)}")
+    return scores
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint of finetune.py (best.pth, last.pth)")
+    source.add_argument("--predictions", metavar="FILE.csv", help="recompute the metrics of a predictions file")
+    parser.add_argument("--data_path", metavar="TEST", help="the test manifest")
+    parser.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW",
+                        help="rewrite a path prefix of the manifest (repeatable)")
+    parser.add_argument("--video", help="one video file or frame folder to classify")
+    parser.add_argument("--audio", help="its audio file (default: the video file's audio)")
+    parser.add_argument("--class_names", nargs="+", help="names of the classes, in index order (default: the checkpoint's)")
+    parser.add_argument("--top_k", type=int, default=5, help="classes printed for --video")
+    parser.add_argument("--features", metavar="OUT.npy", help="save the features the head sees, one row per video")
+    parser.add_argument("--output_dir", help="where to write predictions.csv and confusion.png")
+    parser.add_argument("--num_clips", type=int, default=None, help="clips per video (default: the checkpoint's, 2)")
+    parser.add_argument("--num_crops", type=int, default=None, help="crops per clip (default: the checkpoint's, 2)")
+    parser.add_argument("--batch_size", type=int, default=8, help="videos per batch")
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="autocast type on GPU (default: the checkpoint's)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.predictions:
+            report_predictions(args.predictions, args.output_dir)
+            return 0
+        if bool(args.data_path) == bool(args.video):
+            raise ValueError("--checkpoint needs either --data_path TEST or --video FILE")
+        env = setup(args)
+        model, run = load_finetuned(args.checkpoint, env.device)
+        args.dtype = args.dtype or run.get("dtype", "fp32")
+        args.num_clips = args.num_clips or run.get("num_clips", 2)
+        args.num_crops = args.num_crops or run.get("num_crops", 2)
+        names = args.class_names or run.get("class_names")
+        if args.video:
+            classify_video(args, model, run, env, names)
+        else:
+            test_checkpoint(args, model, run, env, names)
+    except (ValueError, data.DataError) as e:  # a malformed file or a bad row: the message names it
+        raise SystemExit(f"evaluate.py: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Supervised fine-tuning of HiCMAE (paper Sec. 3.4, Eq. 12; recipe Sec. 4.1 and SPEC section 5).
+
+    python finetune.py                                       # the built-in demo: demo data, small model, any device
+    torchrun --nproc_per_node=4 finetune.py --data_path crema-d/train.csv --test_path crema-d/test.csv \\
+        --init checkpoint-99.pth --output_dir runs/crema-d
+
+Classification (soft-target cross-entropy with label smoothing, mixup / cutmix) or regression (mean
+squared error) from audio, video or both. The training machinery (distributed set-up, schedule,
+mixed precision, compile, checkpoints, resume, logs) is pretrain.py's; the multi-view test is
+evaluate.py's. Every epoch the model is tested on --test_path (2 clips x 2 crops per video): the
+metrics go to the log, predictions-last.csv is written, and the best epoch so far is kept as
+best.pth and predictions-best.csv. The best epoch is chosen on the test split, as the authors do.
+"""
+
+import argparse
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEYS, SELECTION_KEY, compute_metrics,
+                      format_metrics, predict, test_set, write_predictions)
+from model import HiCMAEClassifier, configure_optimizer, load_checkpoint
+from pretrain import DEMO as PRETRAIN_DEMO
+from pretrain import (DEMO_MODEL, Logger, add_model_args, add_training_args, autocast, demo_manifests, make_loader,
+                      model_config, parse_args, save_checkpoint, setup, train)
+
+# ----------------------------------------------------------------------------------------------
+# 1. Arguments: the authors' recipe as defaults (SPEC section 5)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.set_defaults(drop_path=0.1)
+    add_training_args(parser, batch_size=14, epochs=100, base_lr=1e-3, min_lr=1e-6, betas=[0.9, 0.999],
+                      output_dir="runs/finetune")
+    g = parser.add_argument_group("fine-tuning")
+    g.add_argument("--test_path", default=None, help="test manifest, tested after every epoch")
+    g.add_argument("--modality", default="av", choices=["av", "audio", "video"])
+    g.add_argument("--task", default=None, choices=["classification", "regression"],
+                   help="default: guessed from the manifest (one integer label: classification)")
+    g.add_argument("--num_outputs", type=int, default=None,
+                   help="classes or regression targets (default: from the manifests and the class names)")
+    g.add_argument("--class_names", nargs="+", default=None,
+                   help="class names in index order (default: classes.txt beside the training manifest, if any); "
+                        "for regression, the names of the target dimensions")
+    g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise learning-rate decay")
+    g.add_argument("--test_every", type=int, default=1, help="test every N epochs (and after the last)")
+    g.add_argument("--num_clips", type=int, default=2, help="test clips per video")
+    g.add_argument("--num_crops", type=int, default=2, help="test crops per clip")
+    g = parser.add_argument_group("augmentation (classification: mixup, cutmix and smoothing)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+    g.add_argument("--mixup_prob", type=float, default=1.0, help="chance that a batch is mixed")
+    g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="chance of cutmix when both are on")
+    g.add_argument("--mix_audio_as_authors", action="store_true",
+                   help="mix the video and the targets but leave the audio unmixed, as the authors' code")
+    g.add_argument("--crop_scale", type=float, nargs=2, default=[0.08, 1.0], help="random resized crop area range")
+    g.add_argument("--rand_ops", type=int, default=4, help="RandAugment operations per clip (0: off)")
+    g.add_argument("--rand_magnitude", type=int, default=7, help="RandAugment magnitude")
+    g.add_argument("--erase_prob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--roll_gain", action=argparse.BooleanOptionalAction, default=True,
+                   help="audio roll-and-gain augmentation")
+    g.add_argument("--freqm", type=int, default=0, help="audio frequency masking width (0: off)")
+    g.add_argument("--timem", type=int, default=0, help="audio time masking width (0: off)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Data: the manifests say the task, the number of outputs and the class names
+
+def names_beside(manifest):
+    """The lines of classes.txt in the manifest's folder, or None."""
+    path = Path(manifest).parent / "classes.txt"
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.exists() else None
+
+
+def read_data(args):
+    """(train samples, test samples); fills in args.task, args.num_outputs and args.class_names."""
+    args.task = args.task or data.guess_task(args.data_path)
+    if args.task not in ("classification", "regression"):
+        raise SystemExit(f"{args.data_path}: rows have no labels; fine-tuning needs a class index or "
+                         "regression targets after <video> <audio>")
+    root_map = data.parse_root_map(args.root_map)
+    train_samples = data.read_manifest(args.data_path, root_map, args.task)
+    test_samples = data.read_manifest(args.test_path, root_map, args.task)
+    if args.task == "classification":
+        args.class_names = args.class_names or names_beside(args.data_path)
+    if args.num_outputs is None and args.class_names:
+        args.num_outputs = len(args.class_names)
+    elif args.num_outputs is None:
+        args.num_outputs = (1 + max(s.target for s in train_samples + test_samples)
+                            if args.task == "classification" else len(train_samples[0].target))
+    if args.class_names and len(args.class_names) != args.num_outputs:
+        raise SystemExit(f"{len(args.class_names)} class names for {args.num_outputs} outputs")
+    for s in train_samples + test_samples:
+        if (s.target >= args.num_outputs if args.task == "classification" else len(s.target) != args.num_outputs):
+            raise SystemExit(f"{s.row}: target {s.target} does not fit {args.num_outputs} outputs")
+    return train_samples, test_samples
+
+
+def train_set(samples, args, cfg):
+    return data.FinetuneDataset(
+        samples, train=True, img_size=cfg.img_size, num_frames=cfg.num_frames, sampling_rate=args.sampling_rate,
+        audio_frames=cfg.audio_frames, num_mel_bins=cfg.mel_bins, seed=args.seed, scale=tuple(args.crop_scale),
+        rand_ops=args.rand_ops, rand_magnitude=args.rand_magnitude, erase_prob=args.erase_prob,
+        roll_gain=args.roll_gain, freqm=args.freqm, timem=args.timem)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Model and optimiser: layer-wise learning-rate decay (SPEC 5)
+
+def build_model(args):
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    return HiCMAEClassifier(model_config(args), args.modality, args.num_outputs)
+
+
+def build_optimizer(model, args, device_type):
+    """AdamW; a parameter of layer id i gets layer_decay^(L-1-i) of the rate (model.layer_id: 0 the
+    patch embeddings, then the encoder blocks, the fusion layers, and the rest at the full rate).
+    train() sets each group's lr from its lr_scale every step."""
+    return configure_optimizer(model, 0.0, args.weight_decay, tuple(args.betas), args.layer_decay, device_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Mixup and cutmix on both modalities with one coefficient (SPEC 4)
+# As timm's Mixup in 'batch' mode (the authors'): one lambda per batch, sample i mixed with sample
+# B-1-i. Randomness comes from torch's global generator, seeded per rank and saved in checkpoints.
+
+def draw_mix(args):
+    """(lam, cutmix?) of one batch: mixed with probability mixup_prob; cutmix with probability
+    mixup_switch_prob when both are on; lam ~ Beta(alpha, alpha) of the chosen one. lam = 1: no mixing."""
+    if (args.mixup <= 0 and args.cutmix <= 0) or torch.rand(()).item() >= args.mixup_prob:
+        return 1.0, False
+    use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or torch.rand(()).item() < args.mixup_switch_prob)
+    alpha = args.cutmix if use_cutmix else args.mixup
+    return torch.distributions.Beta(alpha, alpha).sample().item(), use_cutmix
+
+
+def cutmix_box(height, width, lam):
+    """(top, bottom, left, right): sides sqrt(1 - lam) of the frame's, centred on a random pixel,
+    clipped to the frame (so the area may be smaller than 1 - lam)."""
+    cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+    cy, cx = torch.randint(height, ()).item(), torch.randint(width, ()).item()
+    return max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+
+
+def soft_targets(target, num_classes, lam, smoothing):
+    """Smoothed one-hot targets, lam of each sample's own and 1 - lam of its partner's; rows sum to one."""
+    one_hot = F.one_hot(target, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+    return lam * one_hot + (1 - lam) * one_hot.flip(0)
+
+
+def mix(video, audio, target, args):
+    """Mix a batch with its mirror: (video, audio, soft targets).
+
+    Mixup blends the clips, the spectrograms and the targets with lam. Cutmix pastes the partner's
+    box into every frame; lam becomes the share of the frame left as it was, and the spectrograms
+    and the targets are blended with that lam. --mix_audio_as_authors leaves the audio unmixed."""
+    lam, use_cutmix = draw_mix(args)
+    if use_cutmix:
+        top, bottom, left, right = cutmix_box(*video.shape[-2:], lam)
+        video = video.clone()
+        video[..., top:bottom, left:right] = video.flip(0)[..., top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (video.shape[-2] * video.shape[-1])
+    elif lam < 1:
+        video = lam * video + (1 - lam) * video.flip(0)
+    if lam < 1 and not args.mix_audio_as_authors:
+        audio = lam * audio + (1 - lam) * audio.flip(0)
+    return video, audio, soft_targets(target, args.num_outputs, lam, args.smoothing)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Loss
+
+def finetuning_loss_fn(args):
+    def compute(model, batch):
+        video, audio, target = batch["video"], batch["audio"], batch["target"]
+        if args.task == "regression":
+            return dict(loss=F.mse_loss(model(video, audio).float(), target.float()))
+        video, audio, soft = mix(video, audio, target, args)
+        log_probs = F.log_softmax(model(video, audio).float(), dim=-1)
+        return dict(loss=-(soft * log_probs).sum(-1).mean())
+    return compute
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Testing after each epoch, the best checkpoint, predictions files
+
+def summary(metrics, task):
+    """The scalar metrics in one line."""
+    if task == "classification":
+        return " ".join(f"{CLASSIFICATION_LABELS[k]} {100 * metrics[k]:.2f}%" for k in CLASSIFICATION_KEYS)
+    return " ".join(f"{k.upper()} {metrics[k]:.4f}" for k in REGRESSION_KEYS)
+
+
+class Tester:
+    """Tests the model on the test set (every rank its share, evaluate.predict), logs the metrics,
+    writes predictions-last.csv and keeps the best epoch by SELECTION_KEY as best.pth and
+    predictions-best.csv (selected on the test split, as the authors do)."""
+
+    def __init__(self, args, env, raw_model, samples, log):
+        self.args, self.env, self.model, self.samples, self.log = args, env, raw_model, samples, log
+        dataset = test_set(samples, raw_model.cfg, args.sampling_rate, args.num_clips, args.num_crops)
+        self.loader = make_loader(dataset, args, env, train=False)
+        self.out = Path(args.output_dir)
+        self.key = SELECTION_KEY[args.task]
+        self.best, self.best_epoch = -math.inf, None
+        self.tested, self.last = False, None  # tested: on every rank; last: the metrics, on rank 0
+        best_path = self.out / "best.pth"
+        if best_path.exists() and Path(args.resume or self.out / "last.pth").exists():  # train() resumes
+            best = load_checkpoint(best_path)
+            self.best, self.best_epoch = best["score"], best["epoch"]
+
+    def __call__(self, epoch, select=True):
+        indices, scores, _ = predict(self.model, self.loader, self.args.task, self.env.device,
+                                     lambda: autocast(self.args, self.env))
+        self.tested = True
+        if not self.env.master:
+            return
+        args, rows = self.args, [self.samples[i] for i in indices.tolist()]
+        targets = torch.tensor([s.target for s in rows])
+        metrics = compute_metrics(scores, targets, args.task, args.class_names)
+        write_predictions(self.out / "predictions-last.csv", [s.video for s in rows], targets, scores, args.task,
+                          args.class_names)
+        self.last = metrics
+        score = metrics[self.key]
+        if select and score > self.best:  # NaN never wins
+            self.best, self.best_epoch = score, epoch
+            save_checkpoint(self.out / "best.pth", dict(
+                model=self.model.state_dict(), args=vars(args), model_config=asdict(self.model.cfg),
+                epoch=epoch, score=score, metrics={k: metrics[k] for k in self.scalar_keys()}))
+            shutil.copyfile(self.out / "predictions-last.csv", self.out / "predictions-best.csv")
+        best = f"best {self.key.upper()} {self.best:.4f} (epoch {self.best_epoch})" if self.best_epoch is not None else ""
+        self.log.record(dict(epoch=epoch, **{f"test_{k}": metrics[k] for k in self.scalar_keys()},
+                             best_epoch=self.best_epoch),
+                        f"epoch {epoch} test | {summary(metrics, args.task)} | {best}")
+
+    def scalar_keys(self):
+        return CLASSIFICATION_KEYS if self.args.task == "classification" else REGRESSION_KEYS
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The demo recipe and main
+
+# The demo turns the paper's recipe down for a 3-minute CPU run on 240 synthetic clips: a milder
+# crop, no RandAugment, random erasing, mixup, cutmix or drop path; 16 epochs at a larger learning
+# rate; a test every 4 epochs.
+DEMO = dict(DEMO_MODEL, output_dir="runs/demo_finetune", batch_size=16, epochs=16, warmup_epochs=1,
+            base_lr=0.1, min_lr=1e-4, drop_path=0.0, num_workers=2, log_every=5, save_every=1000, test_every=4,
+            crop_scale=[0.5, 1.0], rand_ops=0, erase_prob=0.0, mixup=0.0, cutmix=0.0)
+DEMO_INIT = Path(PRETRAIN_DEMO["output_dir"]) / "last.pth"  # what `python pretrain.py` leaves
+
+
+def main(argv=None):
+    t0 = time.time()
+    args = parse_args(build_parser(), argv, DEMO)
+    env = setup(args)
+    log = Logger(args.output_dir, env.master)
+    if args.data_path is None:
+        args.data_path, args.test_path = demo_manifests(env)
+        log(f"no --data_path: fine-tuning a small model on the demo data set ({args.data_path})")
+        if args.init is None and DEMO_INIT.exists():  # --init '' starts from scratch all the same
+            args.init = str(DEMO_INIT)
+        elif not DEMO_INIT.exists():
+            log(f"no demo pre-training checkpoint ({DEMO_INIT}; `python pretrain.py` writes one)")
+        log(f"starting from the pre-trained weights {args.init}" if args.init else "fine-tuning from scratch")
+    if args.test_path is None:
+        raise SystemExit("--test_path is required with --data_path (the model is tested after every epoch)")
+    train_samples, test_samples = read_data(args)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    cfg = model_config(args)
+    log(f"{args.task}, {args.modality}, {args.num_outputs} outputs, {len(train_samples)} train and "
+        f"{len(test_samples)} test videos; model: {cfg}")
+
+    loader = make_loader(train_set(train_samples, args, cfg), args, env)
+    raw_model = build_model(args).to(env.device)
+    torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path, mixup)
+    optimizer = build_optimizer(raw_model, args, env.device.type)
+    scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if env.ddp:
+        model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    tester = Tester(args, env, raw_model, test_samples, log)
+
+    def on_epoch_end(epoch):
+        if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:
+            tester(epoch)
+
+    train(args, env, model, raw_model, optimizer, scaler, loader, finetuning_loss_fn(args), log, on_epoch_end)
+    if not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
+        log("testing the model as it stands")
+        tester(args.epochs - 1, select=False)
+    if env.master:
+        log(f"test metrics of the last epoch ({args.num_clips} clips x {args.num_crops} crops, "
+            f"{len(test_samples)} videos):\n{format_metrics(tester.last, args.class_names)}")
+        if tester.best_epoch is not None:
+            log(f"best epoch {tester.best_epoch} by {tester.key.upper()} on the test split (as the authors "
+                f"select): {tester.best:.4f}, in {args.output_dir}/best.pth")
+        log(f"done in {time.time() - t0:.0f} s: checkpoints and predictions in {args.output_dir}/")
+    if env.ddp:
+        dist.destroy_process_group()
+    return tester.last
+
+
+if __name__ == "__main__":
+    main()
