@@ -308,6 +308,7 @@ def main(argv=None):
                 f"select): {tester.best:.4f}, in {args.output_dir}/best.pth")
         log(f"done in {time.time() - t0:.0f} s: checkpoints and predictions in {args.output_dir}/")
     if env.ddp:
+        del model  # DDP's reducer must go before its process group: freed after it, it can hang at exit
         dist.destroy_process_group()
     return tester.last
 
