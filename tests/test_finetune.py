@@ -5,6 +5,7 @@ single-video inference and features. A tiny model on a few demo clips, CPU only.
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
