@@ -7,9 +7,10 @@
 Classification (soft-target cross-entropy with label smoothing, mixup / cutmix) or regression (mean
 squared error) from audio, video or both. The training machinery (distributed set-up, schedule,
 mixed precision, compile, checkpoints, resume, logs) is pretrain.py's; the multi-view test is
-evaluate.py's. Every epoch the model is tested on --test_path (2 clips x 2 crops per video): the
-metrics go to the log, predictions-last.csv is written, and the best epoch so far is kept as
-best.pth and predictions-best.csv. The best epoch is chosen on the test split, as the authors do.
+evaluate.py's. After every epoch (--test_every) the model is tested on --test_path (2 clips x 2
+crops per video): the metrics go to the log, predictions-last.csv is written, and the best epoch so
+far is kept as best.pth and predictions-best.csv. The best epoch is chosen on the test split, as
+the authors do.
 """
 
 import argparse
@@ -308,7 +309,7 @@ def main(argv=None):
                 f"select): {tester.best:.4f}, in {args.output_dir}/best.pth")
         log(f"done in {time.time() - t0:.0f} s: checkpoints and predictions in {args.output_dir}/")
     if env.ddp:
-        del model  # DDP's reducer must go before its process group: freed after it, it can hang at exit
+        del model  # free DDP before its process group: freed after it, a rank sometimes hung at exit (gloo)
         dist.destroy_process_group()
     return tester.last
 

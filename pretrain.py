@@ -543,6 +543,7 @@ def main(argv=None):
     train(args, env, model, raw_model, optimizer, scaler, loader, pretraining_loss_fn(cfg, gather), log, on_epoch_end)
     log(f"done: checkpoints in {args.output_dir}/")
     if env.ddp:
+        del model  # DDP's reducer must go before its process group: freed after it, a rank can hang at exit
         dist.destroy_process_group()
     return raw_model
 
