@@ -580,7 +580,7 @@ class FinetuneDataset(_ClipDataset):
     train=True: one augmented clip (random resized crop, flip, RandAugment, random erasing; audio
     roll-and-gain and optional frequency/time masking). train=False: num_clips evenly spaced clips x
     num_crops crops, stacked as V = num_clips * num_crops views (clip-major; the crops of a clip share
-    its audio); a test row that fails raises DataError.
+    its audio); a test row that fails raises DataError, and test rows may be unlabelled.
     """
 
     def __init__(self, samples, *, train, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
@@ -590,7 +590,7 @@ class FinetuneDataset(_ClipDataset):
         super().__init__(samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
                          seed, strict, max_retries)
         unlabelled = next((s.row for s in self.samples if s.target is None), None)
-        if unlabelled:
+        if unlabelled and train:
             raise ValueError(f"{unlabelled}: fine-tuning needs a label on every row")
         self.train, self.num_clips, self.num_crops = train, num_clips, num_crops
         self.transform = finetune_train_transform(img_size, scale, rand_ops, rand_magnitude, erase_prob)
@@ -618,8 +618,10 @@ class FinetuneDataset(_ClipDataset):
             for crop in test_views(frames, self.img_size, self.num_crops):
                 videos.append(normalize(crop).permute(1, 0, 2, 3))
                 audios.append(audio)
-        return dict(video=torch.stack(videos), audio=torch.stack(audios),
-                    target=_target_tensor(sample.target), index=index)
+        item = dict(video=torch.stack(videos), audio=torch.stack(audios), index=index)
+        if sample.target is not None:  # unlabelled recordings can be tested too (single-video inference)
+            item["target"] = _target_tensor(sample.target)
+        return item
 
 
 class BadSampleMonitor:

@@ -461,8 +461,7 @@ def test_checkpoint(args, model, run, env, names):
 def classify_video(args, model, run, env, names):
     """Print the top classes with their probabilities (or the regression values) of one recording."""
     task = run["task"]
-    placeholder = 0 if task == "classification" else [0.0] * run["num_outputs"]  # FinetuneDataset wants a target
-    sample = data.Sample(args.video, args.audio, placeholder, row=args.video)
+    sample = data.Sample(args.video, args.audio, None, row=args.video)
     dataset = test_set([sample], model.cfg, run["sampling_rate"], args.num_clips, args.num_crops)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1)
     _, scores, features = predict(model, loader, task, env.device, lambda: autocast(args, env),
