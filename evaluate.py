@@ -25,6 +25,7 @@ test-selected, and we say so wherever we report them.
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -34,11 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.io import write_png
 
 import data
-from model import HiCMAEClassifier, HiCMAEConfig, load_checkpoint
+from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, HiCMAEConfig, load_checkpoint, load_weights,
+                   model_state, reconstruction_targets)
 from pretrain import autocast, setup
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +419,186 @@ def load_finetuned(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Command line
+# 5. Frozen-feature evaluation: linear probes, k-NN, few-label probes, audio-video retrieval and the
+# reconstruction loss against the constant predictor, for a checkpoint and for random initialisation
+
+def standardise(train, test):
+    """Features scaled by the training split's mean and std."""
+    mean, std = train.mean(0), train.std(0).clamp(min=1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def fit_ridge(x, y, l2):
+    """Ridge regression, closed form: minimises mean |y - x W - b|^2 + l2 |W|^2. Returns the predictor."""
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    xc = x - mean_x
+    w = torch.linalg.solve(xc.T @ xc / len(x) + l2 * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ (y - mean_y) / len(x))
+    return lambda z: (z - mean_x) @ w + mean_y
+
+
+PROBE_L2 = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # the regularisation grid, picked by cross-validation
+
+
+def probe_score(pred, y, task):
+    """Accuracy (classification: the arg max of the outputs) or mean CCC (regression) of predictions."""
+    if task == "classification":
+        return (pred.argmax(1) == y).double().mean().item()
+    return regression_metrics(pred, y)["ccc"]
+
+
+def linear_probe(train_x, train_y, test_x, test_y, task, num_classes, folds=5, seed=0):
+    """Standardised features and a linear map fitted in closed form: a ridge classifier on one-hot
+    targets (classification) or a ridge regressor, its L2 penalty picked by `folds`-fold
+    cross-validation on the training split. Returns the test score."""
+    train_x, test_x = standardise(train_x.double(), test_x.double())
+    targets = F.one_hot(train_y, num_classes).double() if task == "classification" else train_y.double()
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+    fold_of = torch.empty_like(order)
+    fold_of[order] = torch.arange(len(order)) % folds
+    best, best_l2 = -math.inf, None
+    for l2 in PROBE_L2:
+        score = sum(probe_score(fit_ridge(train_x[fold_of != k], targets[fold_of != k], l2)(train_x[fold_of == k]),
+                                train_y[fold_of == k], task) for k in range(folds)) / folds
+        if score > best:  # ties keep the smaller penalty
+            best, best_l2 = score, l2
+    return probe_score(fit_ridge(train_x, targets, best_l2)(test_x), test_y, task)
+
+
+def knn_probe(train_x, train_y, test_x, test_y, task, num_classes, k=20, temperature=0.07):
+    """k nearest training clips by cosine similarity of the standardised features; votes weighted by
+    exp(similarity / temperature) (classification) or the neighbours' mean target (regression)."""
+    train_x, test_x = standardise(train_x.double(), test_x.double())
+    sims = F.normalize(test_x, dim=1) @ F.normalize(train_x, dim=1).T
+    top, idx = sims.topk(min(k, len(train_x)), dim=1)
+    if task == "regression":
+        return probe_score(train_y[idx].mean(1), test_y, task)
+    votes = torch.zeros(len(test_x), num_classes, dtype=torch.float64)
+    votes.scatter_add_(1, train_y[idx], (top / temperature).exp())
+    return probe_score(votes, test_y, task)
+
+
+def few_label_subsets(y, per_class, count, seed=0):
+    """`count` random subsets of the training split with `per_class` clips of every class."""
+    g = torch.Generator().manual_seed(seed)
+    subsets = []
+    for _ in range(count):
+        picks = [torch.nonzero(y == c)[:, 0] for c in y.unique()]
+        subsets.append(torch.cat([p[torch.randperm(len(p), generator=g)[:per_class]] for p in picks]))
+    return subsets
+
+
+def retrieval(video_emb, audio_emb):
+    """Audio-to-video and video-to-audio retrieval among N clips, per layer: video_emb, audio_emb (L, N, C).
+    Returns {"a2v_top1": [L], "a2v_top5": [L], "v2a_top1": [L], "v2a_top5": [L]}: the share of clips whose
+    partner is the nearest (among the 5 nearest) by cosine similarity."""
+    sims = F.normalize(audio_emb, dim=-1) @ F.normalize(video_emb, dim=-1).transpose(1, 2)
+    truth = torch.arange(sims.shape[1])
+    out = {}
+    for name, s in (("a2v", sims), ("v2a", sims.transpose(1, 2))):
+        rank = (s > s[:, truth, truth][..., None]).sum(-1)  # clips scored above the partner (L, N)
+        out[f"{name}_top1"] = (rank < 1).double().mean(1).tolist()
+        out[f"{name}_top5"] = (rank < 5).double().mean(1).tolist()
+    return out
+
+
+@torch.no_grad()
+def extract_features(models, loader, device, inter_layers):
+    """One pass over the data for several models. Per model and clip, averaged over the clip's test
+    views: the parts of the fine-tuning feature and the pooled encoder layers at inter_layers (the HCMCL
+    embeddings, unmasked); and once, the no-model baseline ("plain"): per mel bin the mean and std over
+    time of the log-Mel, per channel the mean and std over time of 4 x 4 average-pooled pixels."""
+    outs = [{} for _ in range(len(models) + 1)]
+    for batch in loader:
+        video, audio = batch["video"].flatten(0, 1), batch["audio"].flatten(0, 1)  # (B * V, ...)
+        b, v = batch["video"].shape[:2]
+        pooled = F.adaptive_avg_pool3d(video, (video.shape[2], 4, 4))  # (BV, 3, T, 4, 4)
+        found = [dict(plain_audio=torch.cat([audio.mean(2).flatten(1), audio.std(2).flatten(1)], 1),
+                      plain_video=torch.cat([pooled.mean(2).flatten(1), pooled.std(2).flatten(1)], 1))]
+        for model in models:
+            parts = model.eval().forward_parts(video.to(device), audio.to(device))
+            values = {k: parts[k] for k in FEATURE_PARTS if k in parts}
+            for m in ("video", "audio"):
+                if f"{m}_layers" in parts:
+                    values[f"{m}_emb"] = parts[f"{m}_layers"][:, list(inter_layers)]
+            found.insert(-1, values)
+        for out, values in zip(outs, found):
+            for k, x in values.items():
+                out.setdefault(k, []).append(x.float().cpu().view(b, v, *x.shape[1:]).mean(1))
+            out.setdefault("index", []).append(torch.as_tensor(batch["index"]))
+    results = []
+    for out in outs:
+        out = {k: torch.cat(x) for k, x in out.items()}
+        order = out.pop("index").argsort()
+        results.append({k: x[order] for k, x in out.items()})
+    return results  # one dict per model, then the no-model baseline
+
+
+def feature_sets(feats, modality):
+    """The probed feature sets of a model: av (all parts), audio and video (each encoder's own part)."""
+    sets = {}
+    if modality == "av":
+        sets["av"] = torch.cat([feats[k] for k in FEATURE_PARTS if k in feats], 1)
+    for m in ("audio", "video"):
+        if m in feats:
+            sets[m] = feats[m]
+    return sets
+
+
+def probe_all(train, test, train_y, test_y, task, num_classes, args, modality):
+    """Every probe figure of one encoder (or the no-model baseline when modality is None)."""
+    sets = feature_sets(train, modality) if modality else {"av": torch.cat([train["plain_video"], train["plain_audio"]], 1),
+                                                           "audio": train["plain_audio"], "video": train["plain_video"]}
+    test_sets = feature_sets(test, modality) if modality else {"av": torch.cat([test["plain_video"], test["plain_audio"]], 1),
+                                                               "audio": test["plain_audio"], "video": test["plain_video"]}
+    result = {}
+    for name, x in sets.items():
+        result[f"{name}_linear"] = linear_probe(x, train_y, test_sets[name], test_y, task, num_classes)
+        result[f"{name}_knn"] = knn_probe(x, train_y, test_sets[name], test_y, task, num_classes, args.knn_k)
+        if args.labels_per_class and task == "classification":
+            scores = [linear_probe(x[s], train_y[s], test_sets[name], test_y, task, num_classes,
+                                   folds=min(5, args.labels_per_class), seed=i)
+                      for i, s in enumerate(few_label_subsets(train_y, args.labels_per_class, args.subsets))]
+            result[f"{name}_few"] = sum(scores) / len(scores)
+    if modality and "video_emb" in test and "audio_emb" in test:
+        found = retrieval(test["video_emb"].transpose(0, 1), test["audio_emb"].transpose(0, 1))
+        result.update(found)
+        result["retrieval_top1"] = found["a2v_top1"][-1]  # the deepest selected layer
+    return result
+
+
+@torch.no_grad()
+def reconstruction_vs_constant(pretrain_model, samples, cfg, sampling_rate, batch_size, num_workers, device, seed=0):
+    """Mean masked-token MSE of a pre-training model on samples, with the pre-training crop and masks,
+    and that of the best constant predictor (each target's mean over the set): {"loss_video",
+    "const_video", "loss_audio", "const_audio"}."""
+    dataset = data.PretrainDataset(samples, img_size=cfg.img_size, num_frames=cfg.num_frames, sampling_rate=sampling_rate,
+                                   audio_frames=cfg.audio_frames, num_mel_bins=cfg.mel_bins, patch_size=cfg.patch_size,
+                                   tubelet_size=cfg.tubelet_size, video_mask_ratio=cfg.video_mask_ratio,
+                                   audio_mask_ratio=cfg.audio_mask_ratio, seed=seed, strict=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    pretrain_model.eval()
+    sums = {}
+    for batch in loader:
+        video, audio = batch["video"].to(device), batch["audio"].to(device)
+        vm, am = batch["video_mask"].to(device), batch["audio_mask"].to(device)
+        out = pretrain_model(video, audio, vm, am)
+        for name, pred, target in zip(("video", "audio"), (out["video_pred"], out["audio_pred"]),
+                                      reconstruction_targets(video, audio, vm, am, cfg)):
+            target = target.double().flatten(0, 1)
+            for key, value in ((f"se_{name}", ((pred.double().flatten(0, 1) - target) ** 2).sum(0)),
+                               (f"sum_{name}", target.sum(0)), (f"sq_{name}", (target ** 2).sum(0)),
+                               (f"n_{name}", torch.tensor(float(len(target))))):
+                sums[key] = sums.get(key, 0) + value.cpu()
+    result = {}
+    for name in ("video", "audio"):
+        n, dims = sums[f"n_{name}"], sums[f"sum_{name}"].numel()
+        result[f"loss_{name}"] = (sums[f"se_{name}"].sum() / (n * dims)).item()
+        result[f"const_{name}"] = ((sums[f"sq_{name}"] - sums[f"sum_{name}"] ** 2 / n).sum() / (n * dims)).item()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Command line
 
 def report(scores, targets, task, names=None, output_dir=None):
     """Print every metric; for classification with output_dir, also write confusion.png there."""
@@ -481,12 +663,112 @@ def classify_video(args, model, run, env, names):
     return scores
 
 
+def probe_loader(samples, cfg, sampling_rate, args):
+    dataset = test_set(samples, cfg, sampling_rate, args.num_clips, args.num_crops)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+
+
+def probe_checkpoint(args):
+    """Frozen-feature evaluation of a checkpoint against the same model at random initialisation and
+    against no model: print a table, and write every figure to --json."""
+    import pretrain  # the demo data set's manifests
+    env = setup(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    state = model_state(ckpt)
+    run = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    if "model_config" not in ckpt:
+        raise ValueError(f"{args.checkpoint}: no model_config (not a checkpoint of pretrain.py or finetune.py)")
+    cfg = HiCMAEConfig.from_dict(ckpt["model_config"])
+    modality, sampling_rate = run.get("modality", "av"), run.get("sampling_rate", 4)
+    if args.data_path is None:
+        args.data_path, args.test_path = pretrain.demo_manifests(env)
+    if args.test_path is None:
+        raise ValueError("--probe needs --test_path TEST with --data_path TRAIN")
+    task = data.guess_task(args.data_path)
+    if task == "pretrain":
+        raise ValueError(f"{args.data_path}: the probes need labelled rows (a class index or regression targets)")
+    root_map = data.parse_root_map(args.root_map)
+    train_samples, test_samples = (data.read_manifest(p, root_map, task) for p in (args.data_path, args.test_path))
+    train_y, test_y = (torch.tensor([s.target for s in samples]) for samples in (train_samples, test_samples))
+    num_classes = int(max(train_y.max(), test_y.max())) + 1 if task == "classification" else None
+    loaders = [probe_loader(samples, cfg, sampling_rate, args) for samples in (train_samples, test_samples)]
+
+    quiet = [].append
+    models = [load_weights(HiCMAEClassifier(cfg, modality, 1), state, log=quiet)]
+    for seed in range(args.random_seeds):  # the same configuration at random initialisation
+        torch.manual_seed(seed)
+        models.append(HiCMAEClassifier(cfg, modality, 1))
+    models = [m.to(env.device) for m in models]
+    train, test = (extract_features(models, loader, env.device, cfg.inter_layers) for loader in loaders)
+    found = [probe_all(a, b, train_y, test_y, task, num_classes, args, modality) for a, b in zip(train[:-1], test[:-1])]
+    randoms = found[1:]
+    results = {"pretrained": found[0],
+               "random": {k: float(np.mean([r[k] for r in randoms], axis=0)) if not isinstance(randoms[0][k], list)
+                          else np.mean([r[k] for r in randoms], axis=0).tolist() for k in randoms[0]},
+               "random_sd": {k: float(np.std([r[k] for r in randoms])) for k in randoms[0]
+                             if not isinstance(randoms[0][k], list)},
+               "no_model": probe_all(train[-1], test[-1], train_y, test_y, task, num_classes, args, None)}
+    if any(k.startswith(("video_decoder.", "decoder.")) for k in state):
+        model = load_weights(HiCMAE(cfg), state, log=quiet).to(env.device)
+        results["pretrained"].update(reconstruction_vs_constant(model, test_samples, cfg, sampling_rate, args.batch_size,
+                                                                args.num_workers, env.device))
+    results["setting"] = dict(checkpoint=str(args.checkpoint), train=args.data_path, test=args.test_path,
+                              train_clips=len(train_samples), test_clips=len(test_samples), task=task,
+                              views=f"{args.num_clips} clips x {args.num_crops} crops", random_seeds=args.random_seeds,
+                              labels_per_class=args.labels_per_class, knn_k=args.knn_k, inter_layers=list(cfg.inter_layers))
+    print(format_probe(results, task))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+    return results
+
+
+def format_probe(results, task):
+    """The probe table: one row per figure, a column each for the checkpoint, random initialisation
+    (mean and sd over its seeds) and no model."""
+    pre, rnd, sd, plain = results["pretrained"], results["random"], results["random_sd"], results["no_model"]
+    unit = (lambda v: f"{100 * v:.2f}%") if task == "classification" else (lambda v: f"{v:.4f}")
+    setting = results["setting"]
+    rows = [["", "checkpoint", f"random init ({setting['random_seeds']} seeds)", "no model"]]
+    names = {"linear": "linear probe", "knn": f"k-NN (k {setting['knn_k']})",
+             "few": f"linear probe, {setting['labels_per_class']} labels per class"}
+    for key in pre:
+        modality, _, kind = key.partition("_")
+        if kind in names:
+            rows.append([f"{modality} {names[kind]}", unit(pre[key]), f"{unit(rnd[key])} (sd {unit(sd[key])})",
+                         unit(plain[key]) if key in plain else ""])
+    for key in ("a2v_top1", "a2v_top5", "v2a_top1", "v2a_top5"):
+        if key in pre:
+            for layer, a, b in zip(setting["inter_layers"], pre[key], rnd[key]):
+                rows.append([f"retrieval {key.replace('2', '->').replace('_', ' ')} (layer {layer})",
+                             f"{100 * a:.2f}%", f"{100 * b:.2f}%", ""])
+    lines = _table(rows)
+    for m in ("video", "audio"):
+        if f"loss_{m}" in pre:
+            loss, const = pre[f"loss_{m}"], pre[f"const_{m}"]
+            lines.append(f"{m} reconstruction on the test clips: loss {loss:.4f}, constant predictor {const:.4f} "
+                         f"({loss / const - 1:+.1%})")
+    header = (f"frozen features of {setting['checkpoint']}: {setting['train_clips']} train / {setting['test_clips']} test "
+              f"clips, {setting['views']}, test {'accuracy' if task == 'classification' else 'mean CCC'}")
+    return "\n".join([header] + lines)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint of finetune.py (best.pth, last.pth)")
     source.add_argument("--predictions", metavar="FILE.csv", help="recompute the metrics of a predictions file")
-    parser.add_argument("--data_path", metavar="TEST", help="the test manifest")
+    parser.add_argument("--data_path", metavar="TEST", help="the test manifest (with --probe: the training manifest)")
+    parser.add_argument("--probe", action="store_true",
+                        help="frozen-feature evaluation of --checkpoint (pre-training or fine-tuning): linear and k-NN "
+                             "probes, retrieval, reconstruction, against random initialisation (default data: the demo)")
+    parser.add_argument("--test_path", metavar="TEST", help="with --probe: the test manifest")
+    parser.add_argument("--json", metavar="OUT.json", help="with --probe: write every figure to this file")
+    parser.add_argument("--labels_per_class", type=int, default=8,
+                        help="with --probe: also probe with this many training clips per class (0: off)")
+    parser.add_argument("--subsets", type=int, default=5, help="with --probe: few-label subsets averaged")
+    parser.add_argument("--random_seeds", type=int, default=3, help="with --probe: random initialisations compared")
+    parser.add_argument("--knn_k", type=int, default=20, help="with --probe: neighbours of the k-NN probe")
     parser.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW",
                         help="rewrite a path prefix of the manifest (repeatable)")
     parser.add_argument("--video", help="one video file or frame folder to classify")
@@ -510,6 +792,10 @@ def main(argv=None):
     try:
         if args.predictions:
             report_predictions(args.predictions, args.output_dir)
+            return 0
+        if args.probe:
+            args.num_clips, args.num_crops, args.dtype = args.num_clips or 2, args.num_crops or 2, args.dtype or "fp32"
+            probe_checkpoint(args)
             return 0
         if bool(args.data_path) == bool(args.video):
             raise ValueError("--checkpoint needs either --data_path TEST or --video FILE")

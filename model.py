@@ -25,6 +25,7 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FUSION_FLOWS = ("default", "raw-input", "video-first", "audio-first")
+FEATURE_PARTS = ("video", "audio", "fused_video", "fused_audio")  # the fine-tuning feature, in order (Eq. 12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,26 +498,32 @@ class HiCMAEClassifier(nn.Module):
         init_weights(self)
 
     def unimodal(self, encoder, x, layer_weights):
-        """Normed last-layer tokens and the unimodal feature: sum_j softmax(w)_j mean(E_j) (Eq. 12)."""
-        if layer_weights is None:
-            last, _ = encoder(x)
-            return last, last.mean(1)
+        """Normed last-layer tokens, the unimodal feature sum_j softmax(w)_j mean(E_j) (Eq. 12; the last
+        layer's mean without hierarchical fusion), and every block's mean normed output (B, Ns, C)."""
         last, layers = encoder(x, return_layers=range(len(encoder.blocks)))
-        pooled = torch.stack([f.mean(1) for f in layers], dim=1)  # (B, Ns, C)
-        return last, (pooled * layer_weights.softmax(0)[None, :, None]).sum(1)
+        pooled = torch.stack([f.mean(1) for f in layers], dim=1)
+        if layer_weights is None:
+            return last, pooled[:, -1], pooled
+        return last, (pooled * layer_weights.softmax(0)[None, :, None]).sum(1), pooled
 
-    def forward_features(self, video=None, audio=None):
-        feats = []
+    def forward_parts(self, video=None, audio=None):
+        """The parts of the feature by name, in FEATURE_PARTS order, and each encoder's pooled layers
+        ("video_layers", "audio_layers": (B, Ns, C)), which the frozen-feature probes read."""
+        parts = {}
         if self.video_encoder is not None:
-            v, video_feature = self.unimodal(self.video_encoder, video, getattr(self, "video_layer_weights", None))
-            feats.append(video_feature)
+            v, parts["video"], parts["video_layers"] = self.unimodal(
+                self.video_encoder, video, getattr(self, "video_layer_weights", None))
         if self.audio_encoder is not None:
-            a, audio_feature = self.unimodal(self.audio_encoder, audio, getattr(self, "audio_layer_weights", None))
-            feats.append(audio_feature)
+            a, parts["audio"], parts["audio_layers"] = self.unimodal(
+                self.audio_encoder, audio, getattr(self, "audio_layer_weights", None))
         if self.fusion is not None:
             v, a = self.fusion(v, a)
-            feats += [v.mean(1), a.mean(1)]
-        return self.fc_norm(torch.cat(feats, dim=-1))
+            parts["fused_video"], parts["fused_audio"] = v.mean(1), a.mean(1)
+        return parts
+
+    def forward_features(self, video=None, audio=None):
+        parts = self.forward_parts(video, audio)
+        return self.fc_norm(torch.cat([parts[k] for k in FEATURE_PARTS if k in parts], dim=-1))
 
     def forward(self, video=None, audio=None):
         return self.head(self.forward_features(video, audio))

@@ -126,10 +126,11 @@ def test_hierarchical_feature_fusion_weights_layers():
     with torch.no_grad():
         _, layers = model.video_encoder(video, return_layers=range(cfg.depth))
         pooled = torch.stack([f.mean(1) for f in layers], 1)
-        _, uniform = model.unimodal(model.video_encoder, video, model.video_layer_weights)
+        _, uniform, every_layer = model.unimodal(model.video_encoder, video, model.video_layer_weights)
         torch.testing.assert_close(uniform, pooled.mean(1))
+        torch.testing.assert_close(every_layer, pooled)
         model.video_layer_weights[2] = 50.0
-        _, third = model.unimodal(model.video_encoder, video, model.video_layer_weights)
+        _, third, _ = model.unimodal(model.video_encoder, video, model.video_layer_weights)
         torch.testing.assert_close(third, pooled[:, 2])
 
 
