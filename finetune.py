@@ -129,9 +129,10 @@ def run_config(args):
     depth, input sizes and heads need no flags."""
     if args.init:
         ckpt = load_checkpoint(args.init)
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace) and "head.weight" in ckpt["model"]:
+        authors = isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace)
+        if authors and "head.weight" in model_state(ckpt):
             given = {f.name: getattr(args, f.name) for f in fields(HiCMAEConfig)}
-            return authors_config(ckpt["args"], ckpt["model"], **given)[0]
+            return authors_config(ckpt["args"], model_state(ckpt), **given)[0]
     return model_config(args)
 
 

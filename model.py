@@ -708,18 +708,19 @@ def authors_config(namespace, state_dict, **overrides):
         raise ValueError("not a fine-tuned model of the authors (no classification or regression head)")
     if args.get("head_activation_func") or args.get("keep_temporal_dim"):
         raise ValueError("the authors' --head_activation_func and --keep_temporal_dim are not supported")
-    video, audio = state_dict.get("encoder.patch_embed.proj.weight"), state_dict.get("encoder_audio.patch_embed.proj.weight")
+    video = state_dict.get("encoder.patch_embed.proj.weight")
+    audio = state_dict.get("encoder_audio.patch_embed.proj.weight")
     modality = "av" if video is not None and audio is not None else "video" if video is not None else "audio"
     embed = video if video is not None else audio
     if modality == "av" and args.get("depth_audio", args["depth"]) != args["depth"]:
         raise ValueError(f"video depth {args['depth']} and audio depth {args['depth_audio']}: one depth is supported")
+    depth = args["depth"] if video is not None else args.get("depth_audio", args["depth"])
     size = next((name for name, preset in SIZES.items() if preset["dim"] == embed.shape[0]), None)
     config = dict(SIZES[size] if size else dict(heads=None),
                   img_size=args.get("input_size", 160), num_frames=args.get("num_frames", 16),
                   tubelet_size=video.shape[2] if video is not None else 2, patch_size=embed.shape[-1],
                   audio_frames=args.get("input_size_audio", 256), mel_bins=args.get("num_mel_bins", 128),
-                  dim=embed.shape[0], depth=args["depth"] if video is not None else args.get("depth_audio", args["depth"]),
-                  fusion_depth=args.get("fusion_depth", 0) if modality == "av" else 0,
+                  dim=embed.shape[0], depth=depth, fusion_depth=args.get("fusion_depth", 0) if modality == "av" else 0,
                   hierarchical_fusion=any(k.endswith("layer_weights") for k in state_dict))
     config.update({k: v for k, v in overrides.items() if v is not None})
     if config["heads"] is None:
