@@ -323,12 +323,16 @@ def random_start(num_available, span, generator):
     return int(torch.randint(max(num_available - span, 0) + 1, (1,), generator=generator))
 
 
-def even_starts(num_available, span, num_clips):
-    """First frames of `num_clips` evenly spaced test clips (one clip: the centre one)."""
-    room = max(num_available - span, 0)
-    if num_clips == 1:
-        return [room // 2]
-    return [round(k * room / (num_clips - 1)) for k in range(num_clips)]
+def test_clips(num_available, num_frames, stride, num_clips):
+    """Frame indices of the test clips, by the authors' rule: the list 0, stride, 2 stride, ... below
+    num_available, padded with its last entry to num_frames entries (L in all); clip k of K takes
+    num_frames entries from position int(k * (L - num_frames) / (K - 1)). One clip: the centre one
+    (their code divides by zero there)."""
+    index = list(range(0, num_available, stride))
+    index += [index[-1]] * (num_frames - len(index))
+    room = len(index) - num_frames
+    starts = [room // 2] if num_clips == 1 else [int(k * (room / (num_clips - 1))) for k in range(num_clips)]
+    return [index[s:s + num_frames] for s in starts]
 
 
 def clip_indices(num_available, start, num_frames, stride):
@@ -341,11 +345,10 @@ def clip_indices(num_available, start, num_frames, stride):
     return spread + [num_available - 1] * (num_frames - k)
 
 
-def audio_window(video, waveform, first, span, audio_frames, path):
-    """The audio that follows a clip: from frame `first` to `span` frames later, capped at the
-    last frame. A window of MIN_AUDIO_SAMPLES or fewer falls back to the whole file when the file
-    is shorter than `audio_frames` feature frames (10 ms each), and is an error otherwise."""
-    last = min(first + span, len(video) - 1)
+def audio_window(video, waveform, first, last, audio_frames, path):
+    """The audio between frames `first` and `last` (video.audio_span). A window of MIN_AUDIO_SAMPLES
+    or fewer falls back to the whole file when the file is shorter than `audio_frames` feature
+    frames (10 ms each), and is an error otherwise."""
     start, stop = video.audio_span(first, last, waveform.shape[1])
     if stop - start > MIN_AUDIO_SAMPLES:
         return waveform[:, start:stop]
@@ -358,8 +361,10 @@ def audio_window(video, waveform, first, span, audio_frames, path):
 def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1):
     """Decode clips of a sample: a list of (frames uint8 (T, 3, H, W), waveform (1, n) 16 kHz).
 
-    One clip at a random start drawn from `generator` (training), or `num_clips` evenly spaced
-    clips when `generator` is None (test). Raises DataError naming the row, the path and the reason.
+    Training (a `generator`): one clip at a random start; its audio runs from the clip's first frame
+    to frames x stride frames later, capped at the last frame. Test (`generator` None): the authors'
+    `num_clips` clips (test_clips); the audio runs from the first frame to one stride after the last,
+    capped at the last frame, as theirs. Raises DataError naming the row, the path and the reason.
     """
     span = num_frames * sampling_rate
     try:
@@ -370,12 +375,15 @@ def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generat
         waveform = read_audio(audio_path)
         if waveform.shape[1] <= MIN_AUDIO_SAMPLES:
             raise DataError(f"{audio_path}: only {waveform.shape[1]} audio samples")
-        starts = ([random_start(len(video), span, generator)] if generator is not None
-                  else even_starts(len(video), span, num_clips))
-        clips = []
-        for start in starts:
-            indices = clip_indices(len(video), start, num_frames, sampling_rate)
-            clips.append((video.read(indices), audio_window(video, waveform, indices[0], span, audio_frames, audio_path)))
+        last_frame = len(video) - 1
+        if generator is not None:
+            start = random_start(len(video), span, generator)
+            windows = [(clip_indices(len(video), start, num_frames, sampling_rate), min(start + span, last_frame))]
+        else:
+            windows = [(indices, min(indices[-1] + sampling_rate, last_frame))
+                       for indices in test_clips(len(video), num_frames, sampling_rate, num_clips)]
+        clips = [(video.read(indices), audio_window(video, waveform, indices[0], last, audio_frames, audio_path))
+                 for indices, last in windows]
     except DataError as e:
         raise DataError(f"{sample.row}: {e}") from None
     return clips
@@ -467,9 +475,23 @@ def finetune_train_transform(img_size, scale=(0.08, 1.0), rand_ops=4, rand_magni
     ])
 
 
-def test_views(frames, img_size, num_crops):
-    """Test-time crops: resize the short side to img_size, then `num_crops` square crops evenly
-    spaced along the long side (one crop: the centre). A square frame gives identical crops."""
+TEST_VIEWS = ("authors", "short_side")
+
+
+def test_views(frames, img_size, num_crops, views="authors"):
+    """Test-time crops of a clip, uint8 (T, 3, S, S) each.
+
+    "authors" (theirs, the default): every frame resized to exactly img_size x img_size with Pillow's
+    bilinear filter, the aspect ratio ignored, so the num_crops crops are the whole frame (and equal).
+    "short_side": the short side resized to img_size (torch's antialiased bilinear), then num_crops
+    square crops evenly spaced along the long side (one crop: the centre); the aspect ratio is kept.
+    """
+    if views == "authors":
+        size = (img_size, img_size)
+        images = frames.permute(0, 2, 3, 1).contiguous().numpy()
+        resized = np.stack([np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+                            for image in images])
+        return [torch.from_numpy(resized).permute(0, 3, 1, 2)] * num_crops
     frames = TF.resize(frames, img_size, antialias=True)
     height, width = frames.shape[-2:]
     room = max(height, width) - img_size
@@ -578,21 +600,24 @@ class FinetuneDataset(_ClipDataset):
     """Fine-tuning items with their target.
 
     train=True: one augmented clip (random resized crop, flip, RandAugment, random erasing; audio
-    roll-and-gain and optional frequency/time masking). train=False: num_clips evenly spaced clips x
-    num_crops crops, stacked as V = num_clips * num_crops views (clip-major; the crops of a clip share
-    its audio); a test row that fails raises DataError, and test rows may be unlabelled.
+    roll-and-gain and optional frequency/time masking). train=False: the authors' num_clips clips
+    (test_clips) x num_crops crops (test_views, by `test_views`), stacked as V = num_clips * num_crops
+    views (clip-major; the crops of a clip share its audio); no audio gain at test time (the authors'
+    code draws a random one there). A test row that fails raises DataError; test rows may be unlabelled.
     """
 
     def __init__(self, samples, *, train, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
                  num_mel_bins=128, num_clips=2, num_crops=2, seed=0, strict=False, max_retries=10,
                  scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25, roll_gain=True,
-                 freqm=0, timem=0):
+                 freqm=0, timem=0, test_views="authors"):
         super().__init__(samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
                          seed, strict, max_retries)
         unlabelled = next((s.row for s in self.samples if s.target is None), None)
         if unlabelled and train:
             raise ValueError(f"{unlabelled}: fine-tuning needs a label on every row")
-        self.train, self.num_clips, self.num_crops = train, num_clips, num_crops
+        if test_views not in TEST_VIEWS:
+            raise ValueError(f"test views are one of {TEST_VIEWS}, got {test_views!r}")
+        self.train, self.num_clips, self.num_crops, self.test_views = train, num_clips, num_crops, test_views
         self.transform = finetune_train_transform(img_size, scale, rand_ops, rand_magnitude, erase_prob)
         self.roll_gain, self.freqm, self.timem = roll_gain, freqm, timem
 
@@ -615,7 +640,7 @@ class FinetuneDataset(_ClipDataset):
         for frames, waveform in load_clips(sample, self.num_frames, self.sampling_rate,
                                            self.audio_frames, num_clips=self.num_clips):
             audio = self._features(waveform)[None]
-            for crop in test_views(frames, self.img_size, self.num_crops):
+            for crop in test_views(frames, self.img_size, self.num_crops, self.test_views):
                 videos.append(normalize(crop).permute(1, 0, 2, 3))
                 audios.append(audio)
         item = dict(video=torch.stack(videos), audio=torch.stack(audios), index=index)

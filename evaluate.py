@@ -10,9 +10,10 @@ One file, top to bottom:
 
 Command line:
   python evaluate.py --checkpoint C --data_path TEST [--root_map OLD=NEW]
-      test a fine-tuned checkpoint on a manifest, 2 clips x 2 crops per video with the scores
-      averaged; print the metrics, write predictions.csv and confusion.png to --output_dir
-      (default: eval-<checkpoint name>/ beside the checkpoint)
+      test a fine-tuned checkpoint (ours, or the authors' checkpoint-best.pth) on a manifest, with
+      the authors' test views (2 clips x 2 crops per video, each frame resized to the model's size)
+      and the scores averaged; print the metrics, write predictions.csv and confusion.png to
+      --output_dir (default: eval-<checkpoint name>/ beside the checkpoint)
   python evaluate.py --predictions FILE.csv [--output_dir D]
       recompute and print every metric from a predictions file (and write D/confusion.png)
   python evaluate.py --checkpoint C --video FILE.mp4 [--audio FILE.wav] [--class_names ...]
@@ -40,8 +41,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.io import write_png
 
 import data
-from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, HiCMAEConfig, load_checkpoint, load_weights,
-                   model_state, reconstruction_targets)
+from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, HiCMAEConfig, authors_config, convert_official,
+                   load_checkpoint, load_weights, model_state, reconstruction_targets)
 from pretrain import autocast, setup
 
 # ----------------------------------------------------------------------------------------------
@@ -360,11 +361,13 @@ def compute_metrics(scores, targets, task, names=None):
     return regression_metrics(scores, targets, names)
 
 
-def test_set(samples, cfg, sampling_rate, num_clips, num_crops):
-    """The test items of samples: num_clips evenly spaced clips x num_crops crops = V views each."""
+def test_set(samples, cfg, sampling_rate, num_clips, num_crops, views="authors"):
+    """The test items of samples: the authors' num_clips clips x num_crops crops = V views each
+    (views: data.test_views, "authors" or "short_side")."""
     return data.FinetuneDataset(samples, train=False, img_size=cfg.img_size, num_frames=cfg.num_frames,
                                 sampling_rate=sampling_rate, audio_frames=cfg.audio_frames,
-                                num_mel_bins=cfg.mel_bins, num_clips=num_clips, num_crops=num_crops)
+                                num_mel_bins=cfg.mel_bins, num_clips=num_clips, num_crops=num_crops,
+                                test_views=views)
 
 
 @torch.no_grad()
@@ -403,18 +406,32 @@ def predict(model, loader, task, device, amp=nullcontext, features=False):
     return tuple(None if r is None else r[order] for r in result)
 
 
-def load_finetuned(path, device="cpu"):
-    """(model in eval mode, the run's arguments) from a checkpoint of finetune.py (best.pth, last.pth).
+def load_finetuned(path, device="cpu", **overrides):
+    """(model in eval mode, the run's arguments) from a fine-tuned checkpoint: one of finetune.py
+    (best.pth, last.pth), or one saved by the authors' fine-tuning scripts (checkpoint-best.pth).
 
-    The checkpoint alone rebuilds the model (model_config, modality, num_outputs); its arguments also
-    say how to test it (task, class_names, sampling_rate, num_clips, num_crops, dtype).
+    Ours rebuilds its model alone (model_config, modality, num_outputs). The authors' is rebuilt by
+    model.authors_config from their saved arguments and the weights' shapes, with `overrides`
+    (e.g. heads=4) for what the file cannot say. The run's arguments also say how to test the model
+    (task, class_names, sampling_rate, num_clips, num_crops, dtype, test_views); for the authors',
+    they come from their flags (test_num_segment, test_num_crop; --loss only exists in their
+    regression script), with no class names.
     """
     ckpt = load_checkpoint(path)
     run = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if not isinstance(run, dict) or "model_config" not in ckpt or "modality" not in run:
-        raise ValueError(f"{path}: not a checkpoint of finetune.py (no model_config and fine-tuning arguments)")
-    model = HiCMAEClassifier(HiCMAEConfig.from_dict(ckpt["model_config"]), run["modality"], run["num_outputs"])
-    model.load_state_dict(ckpt["model"])
+    if isinstance(run, argparse.Namespace):
+        cfg, modality, num_outputs = authors_config(run, model_state(ckpt), **overrides)
+        run = dict(task="regression" if hasattr(run, "loss") else "classification", modality=modality,
+                   num_outputs=num_outputs, sampling_rate=run.sampling_rate, num_clips=run.test_num_segment,
+                   num_crops=run.test_num_crop)
+        state = convert_official(model_state(ckpt))
+    elif isinstance(run, dict) and "model_config" in ckpt and "modality" in run:
+        cfg, state = HiCMAEConfig.from_dict(ckpt["model_config"]), ckpt["model"]
+    else:
+        raise ValueError(f"{path}: not a fine-tuned checkpoint (neither finetune.py's model_config and arguments "
+                         "nor the authors' saved arguments)")
+    model = HiCMAEClassifier(cfg, run["modality"], run["num_outputs"])
+    model.load_state_dict(state)
     return model.to(device).eval(), run
 
 
@@ -623,7 +640,7 @@ def report_predictions(path, output_dir=None):
 def test_checkpoint(args, model, run, env, names):
     """Multi-view test of a manifest: print the metrics, write predictions.csv (and confusion.png)."""
     samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), run["task"])
-    dataset = test_set(samples, model.cfg, run["sampling_rate"], args.num_clips, args.num_crops)
+    dataset = test_set(samples, model.cfg, run["sampling_rate"], args.num_clips, args.num_crops, args.test_views)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     indices, scores, features = predict(model, loader, run["task"], env.device, lambda: autocast(args, env),
                                         features=bool(args.features))
@@ -644,7 +661,7 @@ def classify_video(args, model, run, env, names):
     """Print the top classes with their probabilities (or the regression values) of one recording."""
     task = run["task"]
     sample = data.Sample(args.video, args.audio, None, row=args.video)
-    dataset = test_set([sample], model.cfg, run["sampling_rate"], args.num_clips, args.num_crops)
+    dataset = test_set([sample], model.cfg, run["sampling_rate"], args.num_clips, args.num_crops, args.test_views)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1)
     _, scores, features = predict(model, loader, task, env.device, lambda: autocast(args, env),
                                   features=bool(args.features))
@@ -756,7 +773,8 @@ def format_probe(results, task):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint of finetune.py (best.pth, last.pth)")
+    source.add_argument("--checkpoint", help="a checkpoint of finetune.py (best.pth, last.pth) or an authors' "
+                                             "fine-tuned one (checkpoint-best.pth)")
     source.add_argument("--predictions", metavar="FILE.csv", help="recompute the metrics of a predictions file")
     parser.add_argument("--data_path", metavar="TEST", help="the test manifest (with --probe: the training manifest)")
     parser.add_argument("--probe", action="store_true",
@@ -779,6 +797,12 @@ def build_parser():
     parser.add_argument("--output_dir", help="where to write predictions.csv and confusion.png")
     parser.add_argument("--num_clips", type=int, default=None, help="clips per video (default: the checkpoint's, 2)")
     parser.add_argument("--num_crops", type=int, default=None, help="crops per clip (default: the checkpoint's, 2)")
+    parser.add_argument("--test_views", default=None, choices=data.TEST_VIEWS,
+                        help="authors: each frame resized to the model's size, aspect ignored (their test views); "
+                             "short_side: aspect kept, crops along the long side (default: the checkpoint's, authors)")
+    parser.add_argument("--heads", type=int, default=None,
+                        help="attention heads of an authors' checkpoint (default: from its width, as their model "
+                             "names: 256 -> 4, 384 -> 6, 512 -> 8)")
     parser.add_argument("--batch_size", type=int, default=8, help="videos per batch")
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -800,10 +824,11 @@ def main(argv=None):
         if bool(args.data_path) == bool(args.video):
             raise ValueError("--checkpoint needs either --data_path TEST or --video FILE")
         env = setup(args)
-        model, run = load_finetuned(args.checkpoint, env.device)
+        model, run = load_finetuned(args.checkpoint, env.device, heads=args.heads)
         args.dtype = args.dtype or run.get("dtype", "fp32")
         args.num_clips = args.num_clips or run.get("num_clips", 2)
         args.num_crops = args.num_crops or run.get("num_crops", 2)
+        args.test_views = args.test_views or run.get("test_views", "authors")
         names = args.class_names or run.get("class_names")
         if args.video:
             classify_video(args, model, run, env, names)

@@ -17,7 +17,7 @@ import argparse
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEYS, SELECTION_KEY, compute_metrics,
                       format_metrics, predict, test_set, write_predictions)
-from model import HiCMAEClassifier, configure_optimizer, load_checkpoint
+from model import HiCMAEClassifier, HiCMAEConfig, authors_config, configure_optimizer, load_checkpoint, model_state
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_MODEL, Logger, add_model_args, add_training_args, autocast, demo_manifests, make_loader,
                       model_config, parse_args, save_checkpoint, setup, train)
@@ -57,6 +57,9 @@ def build_parser():
     g.add_argument("--test_every", type=int, default=1, help="test every N epochs (and after the last)")
     g.add_argument("--num_clips", type=int, default=2, help="test clips per video")
     g.add_argument("--num_crops", type=int, default=2, help="test crops per clip")
+    g.add_argument("--test_views", default="authors", choices=data.TEST_VIEWS,
+                   help="authors: each frame resized to the model's size, aspect ignored (their test views); "
+                        "short_side: aspect kept, crops along the long side")
     g = parser.add_argument_group("augmentation (classification: mixup, cutmix and smoothing)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
@@ -120,9 +123,22 @@ def train_set(samples, args, cfg):
 # ----------------------------------------------------------------------------------------------
 # 3. Model and optimiser: layer-wise learning-rate decay (SPEC 5)
 
-def build_model(args):
+def run_config(args):
+    """The model's configuration: the flags over the --size preset; for an authors' fine-tuned --init
+    checkpoint, the flags given over its saved geometry (model.authors_config), so that its width,
+    depth, input sizes and heads need no flags."""
+    if args.init:
+        ckpt = load_checkpoint(args.init)
+        authors = isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace)
+        if authors and "head.weight" in model_state(ckpt):
+            given = {f.name: getattr(args, f.name) for f in fields(HiCMAEConfig)}
+            return authors_config(ckpt["args"], model_state(ckpt), **given)[0]
+    return model_config(args)
+
+
+def build_model(args, cfg=None):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    return HiCMAEClassifier(model_config(args), args.modality, args.num_outputs)
+    return HiCMAEClassifier(cfg or run_config(args), args.modality, args.num_outputs)
 
 
 def build_optimizer(model, args, device_type):
@@ -211,7 +227,7 @@ class Tester:
 
     def __init__(self, args, env, raw_model, samples, log):
         self.args, self.env, self.model, self.samples, self.log = args, env, raw_model, samples, log
-        dataset = test_set(samples, raw_model.cfg, args.sampling_rate, args.num_clips, args.num_crops)
+        dataset = test_set(samples, raw_model.cfg, args.sampling_rate, args.num_clips, args.num_crops, args.test_views)
         self.loader = make_loader(dataset, args, env, train=False)
         self.out = Path(args.output_dir)
         self.key = SELECTION_KEY[args.task]
@@ -279,12 +295,12 @@ def main(argv=None):
         raise SystemExit("--test_path is required with --data_path (the model is tested after every epoch)")
     train_samples, test_samples = read_data(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    cfg = model_config(args)
+    cfg = run_config(args)
     log(f"{args.task}, {args.modality}, {args.num_outputs} outputs, {len(train_samples)} train and "
         f"{len(test_samples)} test videos; model: {cfg}")
 
     loader = make_loader(train_set(train_samples, args, cfg), args, env)
-    raw_model = build_model(args).to(env.device)
+    raw_model = build_model(args, cfg).to(env.device)
     torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path, mixup)
     optimizer = build_optimizer(raw_model, args, env.device.type)
     scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")

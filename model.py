@@ -701,6 +701,43 @@ def model_state(checkpoint):
     raise ValueError("checkpoint holds no state_dict (expected a dict of tensors or a 'model' entry)")
 
 
+def authors_config(namespace, state_dict, **overrides):
+    """(HiCMAEConfig, modality, num_outputs) of a model saved by the authors' fine-tuning scripts.
+
+    From their saved arguments: input_size, num_frames, input_size_audio, num_mel_bins, depth (and
+    depth_audio, which must equal it), fusion_depth; from the weights' shapes: the width, patch and
+    tubelet sizes, the modalities, the hierarchical layer weights and the number of outputs. The
+    number of heads is not in the file: the authors' model names give it by width (SIZES: 256 -> 4,
+    384 -> 6, 512 -> 8). `overrides` (e.g. heads=4; None values are ignored) win over all of these.
+    """
+    args = vars(namespace)
+    if "head.weight" not in state_dict:
+        raise ValueError("not a fine-tuned model of the authors (no classification or regression head)")
+    if args.get("head_activation_func") or args.get("keep_temporal_dim"):
+        raise ValueError("the authors' --head_activation_func and --keep_temporal_dim are not supported")
+    video = state_dict.get("encoder.patch_embed.proj.weight")
+    audio = state_dict.get("encoder_audio.patch_embed.proj.weight")
+    modality = "av" if video is not None and audio is not None else "video" if video is not None else "audio"
+    embed = video if video is not None else audio
+    if modality == "av" and args.get("depth_audio", args["depth"]) != args["depth"]:
+        raise ValueError(f"video depth {args['depth']} and audio depth {args['depth_audio']}: one depth is supported")
+    depth = args["depth"] if video is not None else args.get("depth_audio", args["depth"])
+    size = next((name for name, preset in SIZES.items() if preset["dim"] == embed.shape[0]), None)
+    config = dict(SIZES[size] if size else dict(heads=None),
+                  img_size=args.get("input_size", 160), num_frames=args.get("num_frames", 16),
+                  tubelet_size=video.shape[2] if video is not None else 2, patch_size=embed.shape[-1],
+                  audio_frames=args.get("input_size_audio", 256), mel_bins=args.get("num_mel_bins", 128),
+                  dim=embed.shape[0], depth=depth, fusion_depth=args.get("fusion_depth", 0) if modality == "av" else 0,
+                  hierarchical_fusion=any(k.endswith("layer_weights") for k in state_dict))
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    if config["heads"] is None:
+        raise ValueError(f"the number of heads of width {config['dim']} is not in the checkpoint, and the "
+                         "authors' model names give it only for 256, 384 and 512: pass --heads")
+    if any(i >= config["depth"] for i in config.get("inter_layers", HiCMAEConfig.inter_layers)):
+        config["inter_layers"] = tuple(range(config["depth"] - 3, config["depth"]))  # unused by the classifier
+    return HiCMAEConfig(**config), modality, state_dict["head.weight"].shape[0]
+
+
 def _unused_parts(model):
     """Checkpoint weights a model may leave out: the decoders, and what a classifier does not build."""
     if isinstance(model, HiCMAE):

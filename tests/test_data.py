@@ -96,11 +96,18 @@ def test_clip_indices():
     assert data.clip_indices(100, 10, 16, 4) == list(range(10, 74, 4))
     assert data.clip_indices(20, 0, 16, 4) == [0, 4, 9, 14, 19] + [19] * 11  # short: spread, then last
     assert data.clip_indices(3, 0, 16, 4) == [0] + [2] * 15
-    assert data.even_starts(100, 64, 2) == [0, 36]
-    assert data.even_starts(100, 64, 1) == [18]
-    assert data.even_starts(20, 64, 2) == [0, 0]
     starts = {data.random_start(100, 64, torch.Generator().manual_seed(s)) for s in range(200)}
     assert starts == set(range(37))
+
+
+def test_test_clips_follow_the_authors_rule():
+    # the stride-4 list below N, padded with its last entry to 16 (L entries); clip k of 2 starts at
+    # position int(k * (L - 16)) of that list
+    assert data.test_clips(75, 16, 4, 2) == [list(range(0, 64, 4)), list(range(12, 76, 4))]  # L = 19
+    assert data.test_clips(40, 16, 4, 2) == [list(range(0, 40, 4)) + [36] * 6] * 2  # short: L = 16
+    assert data.test_clips(3, 16, 4, 2) == [[0] * 16] * 2
+    assert data.test_clips(100, 16, 4, 3) == [list(range(p, p + 64, 4)) for p in (0, 16, 36)]  # L = 25: 0, 4.5, 9
+    assert data.test_clips(100, 16, 4, 1) == [list(range(16, 80, 4))]  # one clip: the centre, position 4
 
 
 def test_training_clip_and_audio_window_from_timestamps(media):
@@ -116,8 +123,10 @@ def test_training_clip_and_audio_window_from_timestamps(media):
     assert window.shape[1] == round(t1 * 16000) - round(t0 * 16000)
     assert window[0, 0].item() == pytest.approx(t0 / 5.5, abs=2e-3)
     assert window[0, -1].item() == pytest.approx(t1 / 5.5, abs=2e-3)
-    clips = data.load_clips(sample, num_clips=2)  # test: evenly spaced clips
-    assert [media.ids(f)[0] for f, _ in clips] == [0, 86]
+    clips = data.load_clips(sample, num_clips=2)  # test: L = 38 entries, clip 2 from position 22
+    assert [media.ids(f) for f, _ in clips] == [list(range(0, 64, 4)), list(range(88, 152, 4))]
+    t0, t1 = 88 / fps, 149 / fps  # the last frame: min(148 + 4, 149)
+    assert clips[1][1].shape[1] == round(t1 * 16000) - round(t0 * 16000)
 
 
 def test_audio_window_of_frame_folder_is_relative(media):
@@ -143,6 +152,31 @@ def test_short_clip_and_whole_file_fallback(media):
     long_wav = media.audio("long.wav", 16000, media.tone(3.0, 16000, amplitudes=(0.5,)))
     with pytest.raises(DataError, match=r"^m.csv:3: .*long.wav: audio window of 0 samples"):
         data.load_clips(Sample(one, long_wav, 0, "m.csv:3"))
+
+
+def test_test_views_equal_the_authors():
+    """What the authors' CREMA-D test pipeline returned for two frame folders (75 frames, and a short
+    clip of 40): the same frames, pixels within one grey level, audio features (gain 1) within 1e-4."""
+    expected = torch.load(REFERENCE / "authors_test_views.pt", weights_only=True)
+    settings, media_dir = expected["settings"], REFERENCE / "authors_test_views_media"
+    grey_level = 1 / (255 * torch.tensor(settings["video_std"]).view(3, 1, 1, 1))  # per channel, normalised
+    for sample in expected["samples"]:
+        views = sample["views"]
+        row = Sample(str(media_dir / sample["name"]), str(media_dir / sample["wav_file"]), sample["label"], "t.csv:1")
+        dataset = data.FinetuneDataset(
+            [row], train=False, img_size=settings["input_size"], num_frames=settings["num_frames"],
+            sampling_rate=settings["sampling_rate"], audio_frames=settings["input_size_audio"],
+            num_mel_bins=settings["num_mel_bins"], num_clips=settings["test_num_segment"],
+            num_crops=settings["test_num_crop"])
+        clips = data.test_clips(len(sample["frame_files"]), settings["num_frames"], settings["sampling_rate"],
+                                settings["test_num_segment"])
+        assert [clips[v["segment"]] for v in views] == [v["frame_indices"] for v in views]
+        item = dataset[0]
+        assert len(item["video"]) == len(views)
+        for ours, view in zip(range(len(views)), views):  # both clip-major: segment, then crop
+            assert (view["segment"], view["crop"]) == divmod(ours, settings["test_num_crop"])
+            assert ((item["video"][ours] - view["video"]).abs() <= grey_level + 1e-6).all(), sample["name"]
+            torch.testing.assert_close(item["audio"][ours], view["audio_unit_gain"], atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,14 +294,22 @@ def test_multiscale_crop_sizes_and_positions(monkeypatch):
     assert len(seen_pairs) == 10  # 4 + 3 + 3 pairs at most one step apart
 
 
-def test_test_views_crop_along_the_long_side():
+def test_short_side_test_views_crop_along_the_long_side():
     columns = torch.arange(160).expand(1, 3, 80, 160).to(torch.uint8)  # value = column
-    views = data.test_views(columns, 40, 2)  # resized to 40 x 80: crops at x = 0 and x = 40
+    views = data.test_views(columns, 40, 2, "short_side")  # resized to 40 x 80: crops at x = 0 and x = 40
     assert [v.shape for v in views] == [(1, 3, 40, 40)] * 2
     assert views[0][0, 0, 0, 0] < 4 and views[1][0, 0, 0, -1] > 155
     square = torch.randint(0, 255, (1, 3, 50, 50), dtype=torch.uint8)
-    a, b = data.test_views(square, 40, 2)
+    a, b = data.test_views(square, 40, 2, "short_side")
     assert torch.equal(a, b)
+
+
+def test_authors_test_views_stretch_the_whole_frame():
+    columns = torch.arange(160).expand(1, 3, 80, 160).to(torch.uint8)  # value = column
+    a, b = data.test_views(columns, 40, 2)  # the whole 160 x 80 frame squeezed to 40 x 40
+    assert a.shape == (1, 3, 40, 40) and torch.equal(a, b)
+    assert a[0, 0, 0, 0] < 4 and a[0, 0, 0, -1] > 155
+    assert a[0, 0, 0, 20] in (80, 81, 82)  # the middle column
 
 
 def test_finetune_transform_is_one_transform_per_clip():
@@ -386,7 +428,9 @@ def test_finetune_items(clips, media):
     assert test["target"].dtype == torch.float32 and test["target"].tolist() == [0.5, 1.0, 0.0]
     assert torch.equal(test["audio"][0], test["audio"][1]) and torch.equal(test["audio"][2], test["audio"][3])
     assert not torch.equal(test["audio"][0], test["audio"][2])  # two clips, two windows
-    assert not torch.equal(test["video"][0], test["video"][1])  # 80 x 48 frames: two crops differ
+    assert torch.equal(test["video"][0], test["video"][1])  # the authors' views: the whole frame, twice
+    kept = data.FinetuneDataset(regression, train=False, num_clips=2, num_crops=2, test_views="short_side", **SMALL)[0]
+    assert not torch.equal(kept["video"][0], kept["video"][1])  # 80 x 48 frames: two crops differ
     with pytest.raises(DataError, match="r.csv:2"):
         data.FinetuneDataset([Sample(long + ".gone", None, [0.0], "r.csv:2")], train=False, **SMALL)[0]
     with pytest.raises(ValueError, match="needs a label"):

@@ -160,7 +160,7 @@ def test_recipe_defaults():
     assert (args.batch_size, args.epochs, args.base_lr, args.min_lr, args.warmup_epochs) == (14, 100, 1e-3, 1e-6, 5)
     assert (args.betas, args.weight_decay, args.layer_decay, args.drop_path) == ([0.9, 0.999], 0.05, 0.75, 0.1)
     assert (args.smoothing, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob) == (0.1, 0.8, 1.0, 1.0, 0.5)
-    assert (args.num_clips, args.num_crops, args.mix_audio_as_authors) == (2, 2, False)
+    assert (args.num_clips, args.num_crops, args.mix_audio_as_authors, args.test_views) == (2, 2, False, "authors")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """The model's promises beyond parity: sizes and costs, gradients under every ablation, safe loading."""
+import argparse
 import math
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (FUSION_FLOWS, Encoder, HiCMAE, HiCMAEClassifier, convert_official, count_macs, count_params,
-                   load_checkpoint, load_weights, make_config, param_groups, pretrain_loss, sincos_table)
+from model import (FUSION_FLOWS, Encoder, HiCMAE, HiCMAEClassifier, authors_config, convert_official, count_macs,
+                   count_params, load_checkpoint, load_weights, make_config, param_groups, pretrain_loss, sincos_table)
 
 # SPEC section 2 (the paper's Tables 2-12, checked against the authors' code)
 SPEC_PARAMS = {  # millions: A+V fine-tuning (6 classes), video encoder, audio encoder, pre-training
@@ -208,3 +209,25 @@ def test_refuses_a_checkpoint_that_pickles_a_callable(tmp_path):
     with pytest.raises(ValueError, match="evil.pth"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_authors_config_reads_their_arguments_and_takes_the_heads_from_the_width():
+    """Their CREMA-D script's flags with a width-384 model (heads 6 by their model names)."""
+    args = argparse.Namespace(model="avit_dim384_patch16_160_a256", input_size=112, num_frames=8,
+                              input_size_audio=128, num_mel_bins=64, depth=6, depth_audio=6, fusion_depth=1,
+                              nb_classes=7, sampling_rate=4, test_num_segment=2, test_num_crop=2)
+    state = {"encoder.patch_embed.proj.weight": torch.zeros(384, 3, 2, 16, 16),
+             "encoder_audio.patch_embed.proj.weight": torch.zeros(384, 1, 16, 16),
+             "video_layer_weights": torch.zeros(6), "audio_layer_weights": torch.zeros(6),
+             "head.weight": torch.zeros(7, 4 * 384)}
+    cfg, modality, num_outputs = authors_config(args, state)
+    assert (cfg.img_size, cfg.num_frames, cfg.audio_frames, cfg.mel_bins) == (112, 8, 128, 64)
+    assert (cfg.dim, cfg.heads, cfg.depth, cfg.fusion_depth, cfg.hierarchical_fusion) == (384, 6, 6, 1, True)
+    assert (modality, num_outputs) == ("av", 7)
+    assert authors_config(args, state, heads=12, depth=None)[0].heads == 12  # a flag wins; None is no flag
+    narrow = {**state, "encoder.patch_embed.proj.weight": torch.zeros(64, 3, 2, 16, 16),
+              "encoder_audio.patch_embed.proj.weight": torch.zeros(64, 1, 16, 16)}
+    with pytest.raises(ValueError, match="--heads"):  # no model name of theirs has width 64
+        authors_config(args, narrow)
+    with pytest.raises(ValueError, match="one depth"):
+        authors_config(argparse.Namespace(**{**vars(args), "depth_audio": 4}), state)

@@ -2,6 +2,9 @@
 
 The fixture is read from HICMAE_PARITY_FIXTURE (default ../shared/reference/official_tiny.pt); every
 dimension, depth, selected layer, ratio, temperature, loss weight and class count comes from it.
+The checkpoints saved the authors' way lie beside a fixture NAME.pt as NAME_checkpoint-99.pth
+(pre-training) and NAME_finetuned_checkpoint-best.pth (fine-tuning); the tests that need one skip
+when the fixture has none.
 """
 import os
 from pathlib import Path
@@ -9,12 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
+import finetune
 from model import (HiCMAE, HiCMAEClassifier, HiCMAEConfig, load_checkpoint, load_weights, model_state,
                    pretrain_loss, reconstruction_targets)
+from pretrain import start_state
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 FIXTURE = Path(os.environ.get("HICMAE_PARITY_FIXTURE", REFERENCE / "official_tiny.pt"))
-CHECKPOINT = REFERENCE / "official_tiny_checkpoint-99.pth"
+
+
+def beside_fixture(suffix):
+    """The checkpoint saved the authors' way beside the fixture (NAME.pt -> NAME_<suffix>), or a skip."""
+    path = FIXTURE.with_name(f"{FIXTURE.stem}_{suffix}")
+    if not path.exists():
+        pytest.skip(f"the fixture has no checkpoint beside it ({path.name})")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +104,7 @@ def test_finetune_outputs(ref):
 def test_released_checkpoint_loads_into_both_models(ref):
     """The authors' checkpoint file (with its pickled argparse.Namespace) through load_checkpoint."""
     cfg = fixture_config(ref)
-    checkpoint = load_checkpoint(CHECKPOINT)
+    checkpoint = load_checkpoint(beside_fixture("checkpoint-99.pth"))
     assert checkpoint["epoch"] == 99
     pretrain = load_weights(HiCMAE(cfg).eval(), model_state(checkpoint))
     out, _, _ = run_pretrain(pretrain, ref, cfg)  # the same weights as the fixture's pre-training model
@@ -110,4 +123,38 @@ def test_released_checkpoint_loads_into_both_models(ref):
 def test_plain_weights_only_load_refuses_the_released_checkpoint():
     """Documents why load_checkpoint allow-lists argparse.Namespace (and nothing else)."""
     with pytest.raises(Exception):
-        torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
+        torch.load(beside_fixture("checkpoint-99.pth"), map_location="cpu", weights_only=True)
+
+
+def fixture_logits(model, ref):
+    x = ref["inputs"]
+    with torch.no_grad():
+        return model.eval()(x["video"], x["audio"])
+
+
+def test_authors_finetuned_checkpoint_through_evaluate(ref):
+    """evaluate.py's loader rebuilds the authors' fine-tuned model from their saved arguments and
+    weights alone (the number of heads, which the file does not hold, given as --heads would)."""
+    path = beside_fixture("finetuned_checkpoint-best.pth")
+    model, run = evaluate.load_finetuned(path, heads=ref["config"]["heads"])
+    cfg, theirs = fixture_config(ref), model.cfg
+    for name in ("img_size", "num_frames", "tubelet_size", "patch_size", "audio_frames", "mel_bins", "dim", "depth",
+                 "fusion_depth"):
+        assert getattr(theirs, name) == getattr(cfg, name), name
+    assert (run["task"], run["modality"], run["num_outputs"]) == ("classification", "av", ref["config"]["num_classes"])
+    assert (run["num_clips"], run["num_crops"]) == (2, 2)  # their --test_num_segment 2 --test_num_crop 2
+    assert_close("logits", fixture_logits(model, ref), ref["finetune_outputs"]["logits"])
+
+
+def test_authors_finetuned_checkpoint_as_finetune_init(ref, tmp_path):
+    """finetune.py --init takes the authors' geometry from the file; flags not given stay unset."""
+    path = beside_fixture("finetuned_checkpoint-best.pth")
+    args = finetune.build_parser().parse_args(["--init", str(path), "--heads", str(ref["config"]["heads"]),
+                                               "--output_dir", str(tmp_path)])
+    args.num_outputs = ref["config"]["num_classes"]
+    model = finetune.build_model(args)
+    messages = []
+    start_state(args, None, model, None, None, messages.append)  # as finetune.py's train() does
+    assert model.cfg.dim == ref["config"]["dim"] and model.cfg.img_size == ref["config"]["img_size"]
+    assert not any("fresh" in m for m in messages), messages  # every weight, head included, came from the file
+    assert_close("logits", fixture_logits(model, ref), ref["finetune_outputs"]["logits"])
