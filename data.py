@@ -672,195 +672,107 @@ class BadSampleMonitor:
 
 # ----------------------------------------------------------------------------------------------
 # 8. The built-in demo data set
-# Synthetic talking faces: a drawn face whose mouth follows a synthetic voice; the class (4
-# emotions) shows in both the face and the voice. Written with PyAV as H.264 + AAC .mp4 files.
+# Synthetic talking faces, built so that what pre-training can learn is there to learn, and so that a
+# class cannot be read off trivial statistics of one modality:
+#   - the class (4 emotions) shows in the face as large shapes (mouth curve, brow angle), and in the
+#     voice only in time: the pitch contour of every syllable (rising or falling) and the speaking
+#     rate (slow or fast). Pitch range, loudness and timbre are drawn alike for every class, so the
+#     log-Mel's per-bin mean and standard deviation carry little of the class;
+#   - face and voice share a speaker's identity, as in real talking-head data: a lower voice comes with
+#     darker skin, a duller timbre with darker hair; the mouth opens with the voice's loudness;
+#   - everything else (background colour, the light's direction, head position and size, expression
+#     strength) varies at random; the head holds still, only the mouth moves.
+# Written with PyAV as H.264 + AAC .mp4 files.
 
 DEMO_CLASSES = ("neutral", "happy", "sad", "angry")
 
 _DEMO_FPS = 25
-_DEMO_SECONDS = 3.0
-_DEMO_SIZE = 112  # frame height and width in pixels
+_DEMO_SECONDS = 2.4
+_DEMO_SIZE = 64  # frame height and width in pixels: the demo model's input size
 _DEMO_HOP = SAMPLE_RATE // _DEMO_FPS  # audio samples per video frame (40 ms)
 _DEMO_AAC_FRAME = 1024  # samples per AAC frame
-_DEMO_CHUNK = 15  # video frames drawn per numpy pass
 
-# Per-class cue ranges (low, high); each clip draws every cue uniformly from its class's range.
-# Ranges of neighbouring classes overlap a little, so no single cue separates the classes.
-# Voice: f0 = base pitch (Hz); slope = relative pitch change over the clip (+ rising); rate = syllables/s;
-# gain = loudness; tilt = harmonic roll-off (high = dull, low = bright); harsh = noise mixed into the voice.
-_DEMO_VOICE = {
-    "neutral": dict(f0=(140, 195), slope=(-0.10, 0.10), rate=(3.4, 4.6),
-                    gain=(0.18, 0.32), tilt=(1.1, 1.5), harsh=(0.00, 0.08)),
-    "happy": dict(f0=(185, 260), slope=(0.12, 0.45), rate=(4.4, 6.0),
-                  gain=(0.20, 0.36), tilt=(0.9, 1.3), harsh=(0.00, 0.08)),
-    "sad": dict(f0=(100, 150), slope=(-0.45, -0.12), rate=(2.4, 3.6),
-                gain=(0.08, 0.20), tilt=(1.4, 1.9), harsh=(0.00, 0.06)),
-    "angry": dict(f0=(150, 215), slope=(-0.15, 0.10), rate=(4.4, 6.0),
-                  gain=(0.32, 0.55), tilt=(0.5, 0.9), harsh=(0.15, 0.40)),
-}
-# Face, in head radii: smile = lift of the mouth corners; brow_slope > 0 lowers the inner brow ends
-# (anger), < 0 raises them (sadness); brow_lift raises both brows; eye_open scales the gap between the lids.
-_DEMO_FACE = {
-    "neutral": dict(smile=(-0.05, 0.05), brow_slope=(-0.25, 0.25), brow_lift=(-0.02, 0.04), eye_open=(0.80, 1.10)),
-    "happy": dict(smile=(0.04, 0.20), brow_slope=(-0.25, 0.15), brow_lift=(0.02, 0.10), eye_open=(0.55, 0.95)),
-    "sad": dict(smile=(-0.20, -0.04), brow_slope=(-0.90, -0.20), brow_lift=(-0.02, 0.05), eye_open=(0.55, 0.95)),
-    "angry": dict(smile=(-0.08, 0.02), brow_slope=(0.20, 0.90), brow_lift=(-0.06, 0.00), eye_open=(0.40, 0.80)),
-}
+# Voice per class: the pitch contour of every syllable (+1 rising, -1 falling) and syllables per second.
+_DEMO_VOICE = {"neutral": (+1, 1.8), "happy": (+1, 4.5), "sad": (-1, 1.8), "angry": (-1, 4.5)}
+# Face per class, in head radii: mouth curve (> 0 corners up: a smile) and brow slope (> 0 inner ends down).
+_DEMO_FACE = {"neutral": (0.0, 0.0), "happy": (0.3, -0.12), "sad": (-0.3, -0.5), "angry": (-0.08, 0.55)}
+_DEMO_SWEEP = 0.35  # octaves a syllable's pitch moves
 
 
-def _draw_cues(rng, ranges):
-    """One value per cue, uniform within its (low, high) range."""
-    return {name: float(rng.uniform(low, high)) for name, (low, high) in ranges.items()}
+def _demo_voice(rng, contour, rate, pitch, timbre, num_samples):
+    """(waveform, envelope): harmonic syllables at `rate` per second, each sweeping its pitch up or down
+    (contour) around a base pitch set by `pitch` in [0, 1]; `timbre` in [0, 1] dulls the harmonics. The
+    voice never stops (the envelope dips to 0.3 between syllables) and its harmonics fill the band, so
+    that every patch of the spectrogram holds structure that its neighbours predict."""
+    sr, period = SAMPLE_RATE, 1.0 / rate
+    t = np.arange(num_samples) / sr
+    x = (t / period + rng.uniform()) % 1.0  # 0 -> 1 across each syllable
+    env = (0.3 + 0.7 * np.sin(np.pi * x) ** 2).astype(np.float32)
+    f0 = 110.0 * 2 ** (1.2 * pitch) * 2 ** (contour * _DEMO_SWEEP * (x - 0.5))
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    ks = np.arange(1, 31)[:, None]
+    amps = ks ** -(0.5 + timbre) * (ks * f0.max() < 0.95 * sr / 2)  # 30 harmonics, none above Nyquist
+    source = (amps * np.sin(ks * phase)).sum(0) / np.sqrt((amps ** 2).sum() / 2)
+    wave = rng.uniform(0.2, 0.35) * env * source + 0.001 * rng.standard_normal(num_samples)
+    return np.clip(wave, -1, 1).astype(np.float32), env
 
 
-def _syllable_envelope(rng, rate, num_samples):
-    """Amplitude envelope in [0, 1]: smooth bumps at `rate` per second with random gaps."""
-    sr = SAMPLE_RATE
-    env = np.zeros(num_samples, np.float32)
-    t = rng.uniform(0.0, 0.3)  # silence before the first syllable
-    period = 1.0 / rate
-    while True:
-        dur = period * rng.uniform(0.55, 0.9)
-        start, stop = int(t * sr), int((t + dur) * sr)
-        if stop > num_samples:
-            break
-        phase = np.linspace(0.0, np.pi, stop - start, dtype=np.float32)
-        env[start:stop] += rng.uniform(0.6, 1.0) * np.sin(phase) ** 2
-        t += period * rng.uniform(0.9, 1.15)
-        if rng.random() < 0.15:  # occasional pause between words
-            t += rng.uniform(0.15, 0.4)
-    return env
-
-
-def _synth_voice(rng, p, env):
-    """Harmonic 'voice' shaped by `env`, with the pitch, contour, loudness and timbre of cues `p`."""
-    n, sr = env.size, SAMPLE_RATE
-    t = np.arange(n, dtype=np.float64) / sr
-    wobble = 0.04 * np.sin(2 * np.pi * rng.uniform(0.3, 1.2) * t + rng.uniform(0, 2 * np.pi))
-    f0 = p["f0"] * (1.0 + p["slope"] * (t / _DEMO_SECONDS - 0.5) + wobble)
-    phase = (2 * np.pi * np.cumsum(f0) / sr).astype(np.float32)
-    ks = np.arange(1, 11, dtype=np.float32)
-    amps = ks ** np.float32(-p["tilt"])
-    source = (amps[:, None] * np.sin(ks[:, None] * phase)).sum(0)
-    source /= np.sqrt((amps ** 2).sum() / 2)  # unit RMS
-    harsh = p["harsh"] * rng.standard_normal(n, dtype=np.float32)  # breathy / harsh noise while speaking
-    background = rng.uniform(0.003, 0.03) * rng.standard_normal(n, dtype=np.float32)
-    wave = p["gain"] * env * (source + harsh) + background
-    return np.clip(wave, -1.0, 1.0).astype(np.float32)
-
-
-def _mouth_opening(env):
-    """Per video frame: RMS of the envelope over that frame's 40 ms of audio."""
-    frames = env[: env.size // _DEMO_HOP * _DEMO_HOP].reshape(-1, _DEMO_HOP)
-    return np.sqrt((frames ** 2).mean(1))
-
-
-def _soft(dist_px):
+def _soft(dist):
     """Anti-aliased coverage from a signed distance in pixels (negative = inside)."""
-    return np.clip(0.5 - dist_px, 0.0, 1.0)
+    return np.clip(0.5 - dist, 0.0, 1.0)
 
 
-def _paint(img, alpha, color):
-    """Alpha-blend a constant colour into img (3, T, H, W) in place."""
-    for channel, value in zip(img, color):
-        channel += alpha * (np.float32(value) - channel)
+def _demo_face(rng, curve, slope, pitch, timbre, opening):
+    """Frames (T, S, S, 3) uint8 of a face with mouth curve and brow slope, skin from `pitch`, hair from
+    `timbre`, and a mouth that opens with `opening` (T,) in [0, 1]. The head holds still: the face is
+    drawn once, then the mouth of every frame."""
+    size = _DEMO_SIZE
+    radius = float(rng.uniform(0.40, 0.46) * size)
+    cx, cy = rng.uniform(0.42, 0.58) * size, rng.uniform(0.45, 0.58) * size
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    u, v = (xs - np.float32(cx)) / np.float32(radius), (ys - np.float32(cy)) / np.float32(radius)  # head radius 1
+    strength = rng.uniform(0.7, 1.0)  # how strongly this clip shows its emotion
+    curve, slope = strength * curve, strength * slope
 
+    # One light for the scene: the background and the face brighten along the same random direction,
+    # so that every patch holds a gradient that its neighbours predict.
+    light = rng.uniform(-1, 1, 2)
+    shade = (light[0] * u + light[1] * v)[..., None]
+    face = (rng.uniform(70, 190, 3) * (1 + 0.3 * shade)).astype(np.float32)
 
-def _ellipse(u, v, cu, cv, a, b, radius):
-    """Coverage of the ellipse centred (cu, cv) with half-axes (a, b), all in head radii."""
-    x, y = (u - cu) / a, (v - cv) / b
-    level = x ** 2 + y ** 2 - 1.0
-    slope = 2.0 * np.sqrt((x / a) ** 2 + (y / b) ** 2) + 1e-6
-    return _soft(level / slope * radius)  # first-order distance to the outline
+    def paint(img, alpha, colour):
+        img += alpha[..., None] * (np.asarray(colour, np.float32) - img)
 
-
-def _draw_frames(look, cx, cy, tilt, eye_open, gap):
-    """Draw frames (3, n, H, W) float32 for per-frame head pose, eye opening and mouth gap (n,)."""
-    size, radius = _DEMO_SIZE, look["radius"]
-    cx, cy, tilt, eye_open, gap = (np.asarray(a, np.float32)[:, None, None] for a in (cx, cy, tilt, eye_open, gap))
-    cos, sin = np.cos(tilt), np.sin(tilt)
-    img = np.empty((3, cx.shape[0], size, size), np.float32)  # channels first: fast painting
-    img[:] = look["background"][:, None]
-
-    def window(u_half, v_top, v_bottom):
-        """View of img covering face points |u| <= u_half, v_top <= v <= v_bottom in every frame,
-        with the face coordinates (u, v) of its pixels (head centre 0, head radius 1)."""
-        cu, cv = np.array([-u_half, u_half, -u_half, u_half]), np.array([v_top, v_top, v_bottom, v_bottom])
-        px, py = cx + radius * (cos * cu - sin * cv), cy + radius * (sin * cu + cos * cv)
-        x0, x1 = max(int(px.min()) - 1, 0), min(int(px.max()) + 2, size)
-        y0, y1 = max(int(py.min()) - 1, 0), min(int(py.max()) + 2, size)
-        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        dx, dy = xs - cx, ys - cy
-        return img[:, :, y0:y1, x0:x1], (cos * dx + sin * dy) / radius, (cos * dy - sin * dx) / radius
-
-    view, u, v = window(0.9, -1.1, 1.1)
-    _paint(view, _ellipse(u, v, 0.0, 0.0, 0.85, 1.05, radius), look["skin"])
-
-    # Eyes: white and iris, shown between lids whose gap carries the eye opening and blinks.
-    view, u, v = window(0.6, -0.85, 0.0)
-    lids = _soft((np.abs(v + 0.15) - 0.12 * eye_open) * radius)
+    skin = np.array([95, 60, 40]) + (0.15 + 0.8 * pitch) * np.array([150, 140, 125])
+    hair = np.array([40, 25, 15]) + (1.0 - timbre) * np.array([200, 160, 60])
+    head = np.sqrt((u / 0.82) ** 2 + v ** 2)
+    paint(face, _soft((head - 1) * radius), (1 + 0.25 * shade) * skin)  # lit by the scene's light
+    paint(face, _soft((head - 1) * radius) * _soft((v + 0.5) * radius), hair)  # the top of the head
     for side in (-1, 1):
-        white = lids * _ellipse(u, v, side * 0.35, -0.15, 0.18, 0.12, radius)
-        _paint(view, white, (240, 240, 235))
-        _paint(view, white * _ellipse(u, v, side * 0.35, -0.15, 0.08, 0.08, radius), (35, 30, 40))
+        eye = np.sqrt(((u - side * 0.33) / 0.13) ** 2 + ((v + 0.12) / 0.09) ** 2)
+        paint(face, _soft((eye - 1) * 0.1 * radius), (25, 20, 30))
+        brow_v = -0.32 + slope * (0.5 - np.abs(u))  # slope > 0: inner ends (|u| small) lower
+        paint(face, _soft(np.maximum(np.abs(v - brow_v) - 0.06, np.abs(u - side * 0.33) - 0.2) * radius), hair * 0.6)
 
-    # Brows: bars above the eyes; slope > 0 lowers the inner ends (anger), < 0 raises them (sadness).
-    au = np.abs(u)
-    brow_v = -0.42 - look["brow_lift"] - look["brow_slope"] * (au - 0.35)
-    _paint(view, _soft(np.maximum(np.abs(v - brow_v) - 0.065, np.abs(au - 0.35) - 0.2) * radius), look["hair"])
-
-    # Mouth: lips along a centre line curved by `smile`, dark opening between them.
-    view, u, v = window(0.55, 0.05, 0.9)
-    au, width, smile = np.abs(u), look["mouth_width"], look["smile"]
-    across = np.clip(u / width, -1.0, 1.0)
-    centre = 0.45 - smile * across ** 2 + smile / 3
-    half_gap = gap * np.sqrt(1.0 - across ** 2)
-    _paint(view, _soft(np.maximum(np.abs(v - centre) - half_gap - 0.04, au - width) * radius), look["lips"])
-    _paint(view, _soft(np.maximum(np.abs(v - centre) - half_gap, au - width + 0.03) * radius), (55, 15, 25))
-    return img
-
-
-def _render_face(rng, p, opening):
-    """Frames (T, H, W, 3) uint8 of a random face with expression cues `p`, whose mouth opening
-    follows `opening` (T,) in [0, 1]."""
-    num, size = opening.size, _DEMO_SIZE
-    t = np.arange(num) / _DEMO_FPS
-
-    def sway(amplitude, low_hz, high_hz):
-        return amplitude * np.sin(2 * np.pi * rng.uniform(low_hz, high_hz) * t + rng.uniform(0, 2 * np.pi))
-
-    # Per clip: colours, size and expression. Background is a random colour with a gentle gradient.
-    ys, xs = np.mgrid[0:size, 0:size] / size - 0.5
-    grad = rng.uniform(-25, 25, 2)
-    background = rng.uniform(70, 230, 3)[:, None, None] + grad[0] * xs + grad[1] * ys
-    skin = np.array([120, 80, 55]) + rng.uniform() * np.array([125, 125, 120]) + rng.uniform(-12, 12, 3)
-    look = dict(p, radius=rng.uniform(0.27, 0.37) * size, skin=skin, lips=skin * 0.55 + np.array([90, 10, 20]),
-                hair=rng.uniform(15, 80) * np.array([1.0, 0.8, 0.65]),
-                background=np.clip(background, 0, 255).astype(np.float32),
-                mouth_width=0.36 + max(p["smile"], 0.0) * 0.4)
-
-    # Per frame: head drift, bob and tilt; blinks; mouth gap from the audio envelope.
-    cx = rng.uniform(0.4, 0.6) * size + rng.uniform(-3, 3) * t + sway(2.0, 0.2, 0.6)
-    cy = rng.uniform(0.42, 0.58) * size + sway(2.0, 0.3, 0.9)
-    tilt = rng.uniform(-0.12, 0.12) + sway(0.05, 0.2, 0.5)
-    eye_open = np.full(num, p["eye_open"])
-    for start in rng.integers(0, num, size=rng.integers(0, 3)):
-        eye_open[start:start + 3] *= 0.15
-    gap = rng.uniform(0.75, 1.0) * 0.15 * opening
-
-    # Draw a few frames at a time: small temporaries keep numpy fast.
-    frames = np.empty((num, size, size, 3), np.uint8)
-    for s in range(0, num, _DEMO_CHUNK):
-        part = slice(s, s + _DEMO_CHUNK)
-        img = _draw_frames(look, cx[part], cy[part], tilt[part], eye_open[part], gap[part])
-        frames[part] = np.clip(img + 0.5, 0, 255).astype(np.uint8).transpose(1, 2, 3, 0)
-    return frames
+    rows = slice(max(int(cy + 0.1 * radius), 0), min(int(cy + 0.9 * radius) + 2, size))  # the mouth's rows
+    u, v = u[rows], v[rows]
+    width = 0.45
+    across = np.clip(u / width, -1, 1)
+    centre = 0.45 - curve * (across ** 2 - 0.5)  # curve > 0: corners above the centre
+    outside = np.abs(u) - width
+    frames = np.repeat(face[None], opening.size, axis=0)
+    for frame, amount in zip(frames, opening):
+        gap = (0.02 + 0.16 * amount) * np.sqrt(1 - across ** 2)
+        mouth = frame[rows]
+        paint(mouth, _soft(np.maximum(np.abs(v - centre) - gap - 0.06, outside) * radius), skin * 0.5 + np.array([90, 10, 20]))
+        paint(mouth, _soft(np.maximum(np.abs(v - centre) - gap, outside + 0.03) * radius), (50, 10, 20))
+    return np.clip(frames + 0.5, 0, 255).astype(np.uint8)
 
 
 def _write_mp4(path, frames, wave):
     """Write frames (T, H, W, 3) uint8 as H.264 and wave (N,) float32 as AAC into one .mp4."""
     with av.open(str(path), mode="w") as container:
-        video = container.add_stream("libx264", rate=_DEMO_FPS, options={"preset": "veryfast", "crf": "23"})
+        video = container.add_stream("libx264", rate=_DEMO_FPS, options={"preset": "veryfast", "crf": "18"})
         video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         video.codec_context.thread_count = 1  # deterministic output
         audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono", options={"aac_coder": "fast"})
@@ -886,11 +798,10 @@ def _demo_clip(seed, split_id, index, label):
     """Frames and waveform of one clip; its randomness comes only from (seed, split, index)."""
     rng = np.random.default_rng([seed, split_id, index])
     name = DEMO_CLASSES[label]
-    voice = _draw_cues(rng, _DEMO_VOICE[name])
-    env = _syllable_envelope(rng, voice["rate"], int(_DEMO_SECONDS * SAMPLE_RATE))
-    wave = _synth_voice(rng, voice, env)
-    frames = _render_face(rng, _draw_cues(rng, _DEMO_FACE[name]), _mouth_opening(env))
-    return frames, wave
+    pitch, timbre = rng.uniform(size=2)  # the speaker: shared by face and voice
+    wave, env = _demo_voice(rng, *_DEMO_VOICE[name], pitch, timbre, int(_DEMO_SECONDS * SAMPLE_RATE))
+    opening = env[: env.size // _DEMO_HOP * _DEMO_HOP].reshape(-1, _DEMO_HOP).mean(1)  # per video frame
+    return _demo_face(rng, *_DEMO_FACE[name], pitch, timbre, opening), wave
 
 
 def write_demo(out_dir, seed=0, num_train=240, num_test=80):

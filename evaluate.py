@@ -469,6 +469,7 @@ def linear_probe(train_x, train_y, test_x, test_y, task, num_classes, folds=5, s
     cross-validation on the training split. Returns the test score."""
     train_x, test_x = standardise(train_x.double(), test_x.double())
     targets = F.one_hot(train_y, num_classes).double() if task == "classification" else train_y.double()
+    folds = min(folds, len(train_x))  # no empty fold
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     fold_of = torch.empty_like(order)
     fold_of[order] = torch.arange(len(order)) % folds
@@ -692,11 +693,15 @@ def probe_checkpoint(args):
     env = setup(args)
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt)
-    run = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    if "model_config" not in ckpt:
-        raise ValueError(f"{args.checkpoint}: no model_config (not a checkpoint of pretrain.py or finetune.py)")
-    cfg = HiCMAEConfig.from_dict(ckpt["model_config"])
-    modality, sampling_rate = run.get("modality", "av"), run.get("sampling_rate", 4)
+    if isinstance(ckpt.get("args"), argparse.Namespace):  # the authors' fine-tuned checkpoint-best.pth
+        cfg, modality, _ = authors_config(ckpt["args"], state, heads=args.heads)
+        sampling_rate = ckpt["args"].sampling_rate
+    elif "model_config" in ckpt:  # ours: pretrain.py or finetune.py
+        cfg = HiCMAEConfig.from_dict(ckpt["model_config"])
+        modality, sampling_rate = ckpt["args"].get("modality", "av"), ckpt["args"].get("sampling_rate", 4)
+    else:
+        raise ValueError(f"{args.checkpoint}: neither a checkpoint of pretrain.py or finetune.py nor an authors' "
+                         "fine-tuned one")
     if args.data_path is None:
         args.data_path, args.test_path = pretrain.demo_manifests(env)
     if args.test_path is None:

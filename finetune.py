@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEYS, SELECTION_KEY, compute_metrics,
-                      format_metrics, predict, test_set, write_predictions)
+                      few_label_subsets, format_metrics, predict, test_set, write_predictions)
 from model import HiCMAEClassifier, HiCMAEConfig, authors_config, configure_optimizer, load_checkpoint, model_state
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_MODEL, Logger, add_model_args, add_training_args, autocast, demo_manifests, make_loader,
@@ -53,6 +53,8 @@ def build_parser():
     g.add_argument("--class_names", nargs="+", default=None,
                    help="class names in index order (default: classes.txt beside the training manifest, if any); "
                         "for regression, the names of the target dimensions")
+    g.add_argument("--labels_per_class", type=int, default=0,
+                   help="train on this many clips per class of the training manifest (few-label fine-tuning; 0: all)")
     g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise learning-rate decay")
     g.add_argument("--test_every", type=int, default=1, help="test every N epochs (and after the last)")
     g.add_argument("--num_clips", type=int, default=2, help="test clips per video")
@@ -109,6 +111,11 @@ def read_data(args):
     for s in train_samples + test_samples:
         if (s.target >= args.num_outputs if args.task == "classification" else len(s.target) != args.num_outputs):
             raise SystemExit(f"{s.row}: target {s.target} does not fit {args.num_outputs} outputs")
+    if args.labels_per_class:  # few-label fine-tuning: a subset drawn with --seed (evaluate's probes draw alike)
+        if args.task != "classification":
+            raise SystemExit("--labels_per_class needs a classification task")
+        keep = few_label_subsets(torch.tensor([s.target for s in train_samples]), args.labels_per_class, 1, args.seed)[0]
+        train_samples = [train_samples[i] for i in sorted(keep.tolist())]
     return train_samples, test_samples
 
 

@@ -283,3 +283,15 @@ def test_regression_run(demo, tmp_path, capsys):
     evaluate.main(["--predictions", str(out / "predictions-last.csv")])
     assert [row[0] for row in metric_lines(printed)] == ["PCC", "CCC", "MSE"]
     assert metric_lines(printed) == metric_lines(capsys.readouterr().out)
+
+
+def test_labels_per_class_keeps_that_many_clips_of_each_class(demo):
+    args = finetune.build_parser().parse_args(TINY + ["--data_path", demo["train"], "--test_path", demo["test"],
+                                                     "--labels_per_class", "2"])
+    train, test = finetune.read_data(args)
+    assert sorted(s.target for s in train) == [0, 0, 1, 1, 2, 2, 3, 3] and len(test) == 8
+    rows = [int(s.row.rsplit(":", 1)[1]) for s in train]
+    assert rows == sorted(rows)  # in manifest order
+    other = finetune.build_parser().parse_args(TINY + ["--data_path", demo["train"], "--test_path", demo["test"],
+                                                      "--labels_per_class", "2", "--seed", "1"])
+    assert [s.row for s in finetune.read_data(other)[0]] != [s.row for s in train]  # the subset follows --seed
