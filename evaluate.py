@@ -1,4 +1,5 @@
-"""Evaluation for HiCMAE: metrics, multi-clip testing, predictions files, single-video inference.
+"""Evaluation for HiCMAE: metrics, multi-clip testing, predictions files, single-video inference,
+frozen-feature probes.
 
 One file, top to bottom:
   1. metrics: classification (UAR, WAR, weighted and macro F1, AUC, confusion matrix) and
@@ -6,7 +7,9 @@ One file, top to bottom:
   2. predictions files: one CSV row per test video, enough to recompute every metric
   3. the confusion matrix as a PNG
   4. multi-view testing (finetune.py tests with it every epoch) and fine-tuned checkpoints
-  5. command line
+  5. frozen-feature evaluation: linear and k-NN probes, few-label probes, audio-video retrieval,
+     reconstruction against the constant predictor; each against random initialisation and no model
+  6. command line
 
 Command line:
   python evaluate.py --checkpoint C --data_path TEST [--root_map OLD=NEW]
@@ -19,6 +22,9 @@ Command line:
   python evaluate.py --checkpoint C --video FILE.mp4 [--audio FILE.wav] [--class_names ...]
       the class probabilities (or regression values) of one video (face crops, as in the data sets)
   add --features OUT.npy to either checkpoint form to save the features the head sees, one row per video
+  python evaluate.py --probe --checkpoint C [--data_path TRAIN --test_path TEST] [--json OUT.json]
+      frozen-feature evaluation of any checkpoint (pre-training or fine-tuning) against random
+      initialisation and no model; without --data_path, on the demo data set
 
 The authors select their model (the epoch) on the test split; numbers obtained that way are
 test-selected, and we say so wherever we report them.
