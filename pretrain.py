@@ -145,9 +145,13 @@ def all_mean(values, env):
     return values
 
 
-def autocast(args, env):
+def amp_dtype(args, env):
     """--dtype, else bf16 on cuda and fp32 on cpu (the CPU default keeps the demo and the tests fast and exact)."""
-    dtype = args.dtype or ("bf16" if env.device.type == "cuda" else "fp32")
+    return args.dtype or ("bf16" if env.device.type == "cuda" else "fp32")
+
+
+def autocast(args, env):
+    dtype = amp_dtype(args, env)
     if dtype == "fp32":
         return nullcontext()
     if dtype == "fp16" and env.device.type != "cuda":
@@ -467,18 +471,19 @@ def save_reconstruction(path, model, batch, cfg):
 def benchmark(args, env, cfg):
     """Training steps on random tensors made on the device, or with --data_path on the loader's batches:
     samples/s, TFLOP/s, MFU, peak memory; forward, backward and optimiser step timed apart (the device is
-    synchronised between them here, never in training); compiled, the compile time and the graph breaks."""
+    synchronised between them here, never in training; the rate includes these waits); compiled, the
+    compile time (the first step's excess over the median) and the graph breaks."""
     torch.manual_seed(args.seed)
     model = HiCMAE(cfg).to(env.device)
     optimizer = configure_optimizer(model, 1e-4, args.weight_decay, tuple(args.betas), device_type=env.device.type)
     scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
     B, g = args.batch_size, torch.Generator().manual_seed(0)
-    random_batch = dict(video=torch.randn(B, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=env.device),
-                        audio=torch.randn(B, 1, cfg.audio_frames, cfg.mel_bins, device=env.device),
-                        video_mask=torch.stack([data.tube_mask(*cfg.video_grid, cfg.video_mask_ratio, g) for _ in range(B)]),
-                        audio_mask=torch.stack([data.random_mask(cfg.num_audio_tokens, cfg.audio_mask_ratio, g)
-                                                for _ in range(B)]))
-    random_batch = to_device(random_batch, env.device)
+    random_batch = to_device(dict(
+        video=torch.randn(B, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=env.device),
+        audio=torch.randn(B, 1, cfg.audio_frames, cfg.mel_bins, device=env.device),
+        video_mask=torch.stack([data.tube_mask(*cfg.video_grid, cfg.video_mask_ratio, g) for _ in range(B)]),
+        audio_mask=torch.stack([data.random_mask(cfg.num_audio_tokens, cfg.audio_mask_ratio, g) for _ in range(B)])),
+        env.device)
     loader = make_loader(pretrain_dataset(args, cfg), args, env) if args.data_path else None
     batches = iter(())
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
@@ -528,13 +533,14 @@ def benchmark(args, env, cfg):
     samples_per_s = B * args.bench_steps / seconds
     tflops = 3 * 2 * count_macs(cfg, "pretrain") * samples_per_s / 1e12  # forward + backward = 3 x forward
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "CPU"
-    dtype = args.dtype or ("bf16" if env.device.type == "cuda" else "fp32")
     if args.compile:
         notes.append(f"compile {first - times.sum(1).median().item():.1f} s (first step {first:.1f} s)")
     if loader is not None:
-        notes.append(f"the loader ({args.num_workers} workers) included: data wait {times[:, 0].sum().item() / seconds:.0%}, "
+        wait = times[:, 0].sum().item() / seconds
+        notes.append(f"the loader ({args.num_workers} workers) included: data wait {wait:.0%}, "
                      f"median {data_s * 1e3:.1f} ms per step")
-    print(f"benchmark: HiCMAE-{args.size} pre-training, {B} clips/step, {dtype}, compile={args.compile}, "
+    print(f"benchmark: HiCMAE-{args.size} pre-training, {B} clips/step, {amp_dtype(args, env)}, "
+          f"compile={args.compile}, "
           f"{device_name}: {samples_per_s:.1f} samples/s, {tflops:.1f} TFLOP/s, MFU {tflops / args.peak_tflops:.1%} "
           f"of {args.peak_tflops:g}, peak memory {peak_memory_mb(env.device):.0f} MB\n"
           f"  per step (median of {args.bench_steps}): forward {fwd_s * 1e3:.1f} ms, backward {bwd_s * 1e3:.1f} ms, "

@@ -160,7 +160,7 @@ HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__",
 def test_no_host_reads_between_logging_steps(manifest, tmp_path, monkeypatch):
     """Steps that do not log never wait for the device: no tensor is read on the host there, except the
     loader's host batch (bad-sample count, mask check) and the optimiser's step counters, host tensors too."""
-    host_side = (os.sep + os.path.join("torch", "optim") + os.sep, os.sep + os.path.join("torch", "utils", "data") + os.sep)
+    host_side = tuple(os.sep + os.path.join("torch", *part) + os.sep for part in (["optim"], ["utils", "data"]))
     host_code = (data.BadSampleMonitor.update.__code__, model.check_masks.__code__)
     steps, reads = [0], []
 
