@@ -80,7 +80,8 @@ def add_training_args(parser, **defaults):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="autocast type (default: bf16 on cuda, fp32 on cpu; bf16 on cpu when asked; fp16 cuda only)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model, one graph (fullgraph=True)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (and the pre-training loss), each one graph (fullgraph=True)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output_dir", default=defaults["output_dir"])
     g.add_argument("--resume", default=None, help="checkpoint to resume (default: output_dir/last.pth if any)")
