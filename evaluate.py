@@ -818,7 +818,7 @@ def build_parser():
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                        help="autocast type on GPU (default: the checkpoint's)")
+                        help="autocast type (default: the checkpoint's on GPU, fp32 on CPU)")
     return parser
 
 
@@ -836,7 +836,8 @@ def main(argv=None):
             raise ValueError("--checkpoint needs either --data_path TEST or --video FILE")
         env = setup(args)
         model, run = load_finetuned(args.checkpoint, env.device, heads=args.heads)
-        args.dtype = args.dtype or run.get("dtype", "fp32")
+        if env.device.type == "cuda":  # on CPU only an explicit --dtype (CPU runs used to record bf16 and run fp32)
+            args.dtype = args.dtype or run.get("dtype")
         args.num_clips = args.num_clips or run.get("num_clips", 2)
         args.num_crops = args.num_crops or run.get("num_crops", 2)
         args.test_views = args.test_views or run.get("test_views", "authors")

@@ -311,7 +311,7 @@ def main(argv=None):
     torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path, mixup)
     optimizer = build_optimizer(raw_model, args, env.device.type)
     scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
-    model = torch.compile(raw_model) if args.compile else raw_model
+    model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
     if env.ddp:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     tester = Tester(args, env, raw_model, test_samples, log)

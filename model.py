@@ -14,9 +14,8 @@ One file, in the order of the paper (Sun et al., Information Fusion 2024):
 """
 
 import argparse
-import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -129,11 +128,25 @@ def gather_tokens(x, ids):
     return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def split_mask(mask):
-    """Boolean mask (B, N), True = masked -> (visible ids, masked ids), each in increasing token order."""
-    num_masked = int(mask[0].sum())
+def split_mask(mask, num_visible):
+    """Boolean mask (B, N), True = masked, num_visible False per row -> (visible ids, masked ids), each in
+    increasing token order. The count comes from the configuration: read from the mask, it would be a host
+    sync and a graph break under torch.compile (check_masks checks the masks on the host, once per batch)."""
     ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
-    return ids[:, : mask.shape[1] - num_masked], ids[:, mask.shape[1] - num_masked:]
+    return ids[:, :num_visible], ids[:, num_visible:]
+
+
+def check_masks(cfg, video_mask, audio_mask):
+    """Raise unless every clip's masks leave the configured numbers of tokens visible (cfg.num_visible).
+    Meant for the loader's host tensors, where it is free; the model itself trusts the configuration."""
+    for name, mask, tokens, visible in (("video_mask", video_mask, cfg.num_video_tokens, cfg.num_visible[0]),
+                                        ("audio_mask", audio_mask, cfg.num_audio_tokens, cfg.num_visible[1])):
+        if mask.dim() != 2 or mask.shape[1] != tokens:
+            raise ValueError(f"{name} has shape {tuple(mask.shape)}, the configuration expects (batch, {tokens})")
+        counts = (~mask).sum(1)
+        if not counts.eq(visible).all():
+            raise ValueError(f"{name} leaves {counts.tolist()} tokens visible per clip, the configuration expects "
+                             f"{visible}: the data set's mask ratios or geometry differ from the model's")
 
 
 def drop_path(x, p, training):
@@ -334,7 +347,8 @@ class Decoder(nn.Module):
 # 4. Pre-training model, targets and losses
 
 class HiCMAE(nn.Module):
-    """The pre-training model. forward(video, audio, video_mask, audio_mask) with masks True = masked."""
+    """The pre-training model. forward(video, audio, video_mask, audio_mask) with masks True = masked,
+    each leaving cfg.num_visible tokens visible per clip (not checked here: see check_masks)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -349,8 +363,8 @@ class HiCMAE(nn.Module):
 
     def forward(self, video, audio, video_mask, audio_mask):
         cfg = self.cfg
-        v_visible, v_masked = split_mask(video_mask)
-        a_visible, a_masked = split_mask(audio_mask)
+        v_visible, v_masked = split_mask(video_mask, cfg.num_visible[0])
+        a_visible, a_masked = split_mask(audio_mask, cfg.num_visible[1])
         needs_layers = cfg.skip_connections or cfg.hcmcl_weight > 0
         layers = cfg.inter_layers if needs_layers else ()
         v, v_layers = self.video_encoder(video, v_visible, layers)
@@ -415,7 +429,8 @@ def reconstruction_targets(video, audio, video_mask, audio_mask, cfg):
     a = patchify_audio(audio, cfg)
     if cfg.normalize_target:
         a = normalize_patches(a[..., None])[..., 0]
-    return gather_tokens(v, split_mask(video_mask)[1]), gather_tokens(a, split_mask(audio_mask)[1])
+    return (gather_tokens(v, split_mask(video_mask, cfg.num_visible[0])[1]),
+            gather_tokens(a, split_mask(audio_mask, cfg.num_visible[1])[1]))
 
 
 class GatherBatch(torch.autograd.Function):
@@ -458,16 +473,18 @@ def hcmcl_loss(video_emb, audio_emb, temperature, gather=False):
 
 
 def pretrain_loss(out, video, audio, video_mask, audio_mask, cfg, gather=False):
-    """L = MSE_video + MSE_audio + lambda * HCMCL (Eq. 8, 11). Returns a dict of the parts."""
-    video_target, audio_target = reconstruction_targets(video, audio, video_mask, audio_mask, cfg)
-    loss_video = F.mse_loss(out["video_pred"].float(), video_target)
-    loss_audio = F.mse_loss(out["audio_pred"].float(), audio_target)
-    loss = loss_video + loss_audio
-    parts = dict(loss_video=loss_video, loss_audio=loss_audio)
-    if cfg.hcmcl_weight > 0:
-        parts["loss_hcmcl"], parts["hcmcl_acc"] = hcmcl_loss(out["video_emb"].float(), out["audio_emb"].float(),
-                                                             cfg.temperature, gather)
-        loss = loss + cfg.hcmcl_weight * parts["loss_hcmcl"]
+    """L = MSE_video + MSE_audio + lambda * HCMCL (Eq. 8, 11). Returns a dict of the parts.
+    Computed in float32 under autocast too: in bf16 a logit near 1 / 0.07 = 14.3 could only move in steps of 1/16."""
+    with torch.autocast(video.device.type, enabled=False):
+        video_target, audio_target = reconstruction_targets(video.float(), audio.float(), video_mask, audio_mask, cfg)
+        loss_video = F.mse_loss(out["video_pred"].float(), video_target)
+        loss_audio = F.mse_loss(out["audio_pred"].float(), audio_target)
+        loss = loss_video + loss_audio
+        parts = dict(loss_video=loss_video, loss_audio=loss_audio)
+        if cfg.hcmcl_weight > 0:
+            parts["loss_hcmcl"], parts["hcmcl_acc"] = hcmcl_loss(out["video_emb"].float(), out["audio_emb"].float(),
+                                                                 cfg.temperature, gather)
+            loss = loss + cfg.hcmcl_weight * parts["loss_hcmcl"]
     return dict(loss=loss, **parts)
 
 

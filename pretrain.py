@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 
 import data
-from model import (IMAGENET_MEAN, IMAGENET_STD, HiCMAE, HiCMAEConfig, configure_optimizer, count_macs,
+from model import (IMAGENET_MEAN, IMAGENET_STD, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer, count_macs,
                    load_checkpoint, load_weights, make_config, model_state, patchify_audio, patchify_video,
                    pretrain_loss, unpatchify_audio, unpatchify_video)
 
@@ -78,8 +78,10 @@ def add_training_args(parser, **defaults):
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast type on GPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="autocast type (default: bf16 on cuda, fp32 on cpu; bf16 on cpu when asked; fp16 cuda only)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (and the pre-training loss), each one graph (fullgraph=True)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output_dir", default=defaults["output_dir"])
     g.add_argument("--resume", default=None, help="checkpoint to resume (default: output_dir/last.pth if any)")
@@ -144,10 +146,18 @@ def all_mean(values, env):
     return values
 
 
+def amp_dtype(args, env):
+    """--dtype, else bf16 on cuda and fp32 on cpu (the CPU default keeps the demo and the tests fast and exact)."""
+    return args.dtype or ("bf16" if env.device.type == "cuda" else "fp32")
+
+
 def autocast(args, env):
-    if env.device.type != "cuda" or args.dtype == "fp32":
+    dtype = amp_dtype(args, env)
+    if dtype == "fp32":
         return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float16)
+    if dtype == "fp16" and env.device.type != "cuda":
+        raise ValueError("--dtype fp16 needs a GPU (its gradient scaler is CUDA's); use bf16 or fp32 on cpu")
+    return torch.autocast(env.device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,9 +290,16 @@ def to_device(batch, device):
 # ----------------------------------------------------------------------------------------------
 # 7. The training loop (pre-training and fine-tuning)
 
-def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, log, on_epoch_end=None):
+def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, log, on_epoch_end=None,
+          check_batch=None):
     """Run the epochs. compute_loss(model, batch) returns a dict of scalar tensors with 'loss'.
-    on_epoch_end(epoch) runs after each epoch (figures, testing); checkpoints are saved here."""
+    check_batch(batch), if given, checks each batch on the host, before it goes to the device.
+    on_epoch_end(epoch) runs after each epoch (figures, testing); checkpoints are saved here.
+
+    A step never waits for the device: the loss parts are summed on the device and read (and averaged
+    over the ranks) at logging steps only. A non-finite loss (or gradient norm, without fp16's scaler) is
+    noted on the device with its step; the next logging step, checkpoint or epoch end stops the run
+    naming that step, without saving: checkpoints are written only from states known to be finite."""
     lr, min_lr, warmup_lr = (scaled(args, env, v) for v in (args.base_lr, args.min_lr, args.warmup_lr))
     steps_per_epoch = len(loader.sampler) // (args.batch_size * args.accum_steps)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
@@ -291,15 +308,29 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
     params = [p for p in raw_model.parameters() if p.requires_grad]
     samples_per_step = args.batch_size * args.accum_steps * env.world_size
     log(f"{total_steps} steps of {samples_per_step} clips ({steps_per_epoch} per epoch), peak lr {lr:.3g}")
+    never = 2**62
+    first_bad = torch.full((), never, dtype=torch.long, device=env.device)  # first step with a non-finite value
+
+    def check_finite():
+        """Stop if any rank noted a non-finite value (a read of one number: at logging and saving only)."""
+        bad = first_bad.clone()
+        if env.ddp:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        bad = bad.item()
+        if bad != never:
+            last = Path(args.output_dir) / "last.pth"
+            raise SystemExit(f"non-finite loss or gradient norm at epoch {(bad - 1) // steps_per_epoch}, step {bad}: "
+                             f"stopping. The last good checkpoint is {last if last.exists() else 'none yet'}")
 
     def checkpoint(name):
+        check_finite()
         rng = capture_rng(env)
         if env.master:
             save_checkpoint(Path(args.output_dir) / name, dict(
                 model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                 progress=asdict(progress), args=vars(args), model_config=asdict(raw_model.cfg), rng=rng))
 
-    sums, count, t_data, t_last = {}, 0, 0.0, time.time()
+    sums, finite, count, t_data, t_last = None, None, 0, 0.0, time.time()
     for epoch in range(progress.epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         loader.sampler.start = progress.batch * args.batch_size
@@ -308,21 +339,20 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
         batches = iter(loader)
         for micro in range(progress.batch, steps_per_epoch * args.accum_steps):
             t0 = time.time()
-            batch = to_device(next(batches), env.device)
+            batch = next(batches)
             t_data += time.time() - t0
-            monitor.update(batch)
+            monitor.update(batch)  # the loader's host tensors: no device sync
+            if check_batch is not None:
+                check_batch(batch)
+            batch = to_device(batch, env.device)
             last_micro = (micro + 1) % args.accum_steps == 0
             with model.no_sync() if env.ddp and not last_micro else nullcontext(), autocast(args, env):
                 parts = compute_loss(model, batch)
             scaler.scale(parts["loss"] / args.accum_steps).backward()
             names = ["loss"] + [k for k in parts if k != "loss"]
-            reduced = all_mean(torch.stack([parts[k].detach().float() for k in names]), env)
-            if not torch.isfinite(reduced[0]):
-                last = Path(args.output_dir) / "last.pth"
-                raise SystemExit(f"non-finite loss ({reduced[0].item()}) at epoch {epoch}, step {progress.step + 1}: "
-                                 f"stopping. The last good checkpoint is {last if last.exists() else 'none yet'}")
-            for k, v in zip(names, reduced.tolist()):
-                sums[k] = sums.get(k, 0.0) + v / args.accum_steps
+            now = torch.stack([parts[k].detach().float() for k in names]) / args.accum_steps
+            sums = now if sums is None else sums + now
+            finite = torch.isfinite(now[0]) if finite is None else finite & torch.isfinite(now[0])
             if not last_micro:
                 continue
             step_lr = lr_at(progress.step, total_steps, warmup_steps, lr, min_lr, warmup_lr)
@@ -333,20 +363,25 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            progress.step, progress.batch, count = progress.step + 1, micro + 1, count + 1
+            if not scaler.is_enabled():  # with fp16's scaler an infinite gradient only skips the step
+                finite = finite & torch.isfinite(grad_norm)
+            first_bad = torch.where(finite, first_bad, first_bad.clamp(max=progress.step + 1))
+            progress.step, progress.batch, count, finite = progress.step + 1, micro + 1, count + 1, None
 
             if progress.step % args.log_every == 0 or progress.step == total_steps:
+                check_finite()
+                means = dict(zip(names, all_mean(sums / count, env).tolist()))
                 elapsed = time.time() - t_last
-                values = dict(epoch=epoch, step=progress.step, **{k: v / count for k, v in sums.items()},
-                              lr=step_lr, grad_norm=grad_norm.item(), samples_per_s=count * samples_per_step / elapsed,
-                              data_wait=t_data / elapsed, eta_s=(total_steps - progress.step) * elapsed / count,
+                values = dict(epoch=epoch, step=progress.step, **means, lr=step_lr, grad_norm=grad_norm.item(),
+                              samples_per_s=count * samples_per_step / elapsed, data_wait=t_data / elapsed,
+                              eta_s=(total_steps - progress.step) * elapsed / count,
                               peak_mem_mb=peak_memory_mb(env.device))
-                losses = " ".join(f"{k} {v / count:.4f}" for k, v in sums.items())
+                losses = " ".join(f"{k} {v:.4f}" for k, v in means.items())
                 log.record(values, f"epoch {epoch} step {progress.step}/{total_steps} | {losses} | lr {step_lr:.2e} "
                                    f"grad {values['grad_norm']:.3f} | {values['samples_per_s']:.1f} clips/s, "
                                    f"data wait {values['data_wait']:.0%}, eta {values['eta_s'] / 60:.1f} min, "
                                    f"peak mem {values['peak_mem_mb']:.0f} MB")
-                sums, count, t_data, t_last = {}, 0, 0.0, time.time()
+                sums, count, t_data, t_last = None, 0, 0.0, time.time()
             if args.save_every_steps and progress.step % args.save_every_steps == 0:
                 checkpoint("last.pth")
             if args.stop_at_step and progress.step >= args.stop_at_step:
@@ -354,6 +389,7 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
                 log(f"stopped at step {progress.step} (--stop_at_step); run again to resume")
                 return progress
         progress.epoch, progress.batch = epoch + 1, 0
+        check_finite()  # before testing or drawing a model that may be broken
         if on_epoch_end is not None:
             on_epoch_end(epoch)
         checkpoint("last.pth")
@@ -365,10 +401,23 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
 # ----------------------------------------------------------------------------------------------
 # 8. Pre-training: the loss, the reconstruction figure, the benchmark
 
-def pretraining_loss_fn(cfg, gather):
+def pretrain_dataset(args, cfg):
+    samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
+    return data.PretrainDataset(samples, img_size=cfg.img_size, num_frames=cfg.num_frames,
+                                sampling_rate=args.sampling_rate, audio_frames=cfg.audio_frames,
+                                num_mel_bins=cfg.mel_bins, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size,
+                                video_mask_ratio=cfg.video_mask_ratio, audio_mask_ratio=cfg.audio_mask_ratio,
+                                seed=args.seed)
+
+
+def pretraining_loss_fn(cfg, gather, compile=False):
+    """compute(model, batch) -> the loss parts. compile=True compiles the loss (the caller compiles the model):
+    one graph each, except HCMCL's all-gather of the negatives, which may break the loss's graph."""
+    loss_fn = torch.compile(pretrain_loss, fullgraph=not gather) if compile else pretrain_loss
+
     def compute(model, batch):
         out = model(batch["video"], batch["audio"], batch["video_mask"], batch["audio_mask"])
-        parts = pretrain_loss(out, batch["video"], batch["audio"], batch["video_mask"], batch["audio_mask"], cfg, gather)
+        parts = loss_fn(out, batch["video"], batch["audio"], batch["video_mask"], batch["audio_mask"], cfg, gather)
         if "hcmcl_acc" in parts:
             parts["hcmcl_acc"] = parts["hcmcl_acc"].mean()
         return parts
@@ -421,45 +470,82 @@ def save_reconstruction(path, model, batch, cfg):
 
 
 def benchmark(args, env, cfg):
-    """Training steps on random tensors made on the device: samples/s, TFLOP/s, MFU, peak memory."""
+    """Training steps on random tensors made on the device, or with --data_path on the loader's batches:
+    samples/s, TFLOP/s, MFU, peak memory; forward, backward and optimiser step timed apart (the device is
+    synchronised between them here, never in training; the rate includes these waits); compiled, the
+    compile time (the first step's excess over the median) and the graph breaks."""
     torch.manual_seed(args.seed)
     model = HiCMAE(cfg).to(env.device)
     optimizer = configure_optimizer(model, 1e-4, args.weight_decay, tuple(args.betas), device_type=env.device.type)
     scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
-    compute = pretraining_loss_fn(cfg, gather=False)
-    fwd = torch.compile(model) if args.compile else model
     B, g = args.batch_size, torch.Generator().manual_seed(0)
-    batch = dict(video=torch.randn(B, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=env.device),
-                 audio=torch.randn(B, 1, cfg.audio_frames, cfg.mel_bins, device=env.device),
-                 video_mask=torch.stack([data.tube_mask(*cfg.video_grid, cfg.video_mask_ratio, g) for _ in range(B)]),
-                 audio_mask=torch.stack([data.random_mask(cfg.num_audio_tokens, cfg.audio_mask_ratio, g) for _ in range(B)]))
-    batch = to_device(batch, env.device)
+    random_batch = to_device(dict(
+        video=torch.randn(B, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=env.device),
+        audio=torch.randn(B, 1, cfg.audio_frames, cfg.mel_bins, device=env.device),
+        video_mask=torch.stack([data.tube_mask(*cfg.video_grid, cfg.video_mask_ratio, g) for _ in range(B)]),
+        audio_mask=torch.stack([data.random_mask(cfg.num_audio_tokens, cfg.audio_mask_ratio, g) for _ in range(B)])),
+        env.device)
+    loader = make_loader(pretrain_dataset(args, cfg), args, env) if args.data_path else None
+    batches = iter(())
+    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
+    notes = []
+    if args.compile:  # graph breaks of the forward and loss, as dynamo traces them (no compilation)
+        with autocast(args, env):
+            explained = torch._dynamo.explain(lambda b: pretraining_loss_fn(cfg, False)(model, b)["loss"])(random_batch)
+        torch._dynamo.reset()
+        notes.append(f"graph breaks in forward + loss: {explained.graph_break_count} (graphs: {explained.graph_count})")
+    compute = pretraining_loss_fn(cfg, gather=False, compile=args.compile)
+    fwd = torch.compile(model, fullgraph=True) if args.compile else model
 
     def step():
+        nonlocal batches
+        t0 = time.perf_counter()
+        batch = random_batch
+        if loader is not None:
+            batch = next(batches, None)
+            if batch is None:
+                batches = iter(loader)
+                batch = next(batches)
+            batch = to_device(batch, env.device)
+        t1 = time.perf_counter()
         with autocast(args, env):
             loss = compute(fwd, batch)["loss"]
+        sync()
+        t2 = time.perf_counter()
         scaler.scale(loss).backward()
+        sync()
+        t3 = time.perf_counter()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        sync()
+        return t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3  # data, forward, backward, optimiser
 
-    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-    for _ in range(args.bench_warmup):
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    for _ in range(args.bench_warmup - 1):
         step()
-    sync()
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
-    t0 = time.time()
-    for _ in range(args.bench_steps):
-        step()
-    sync()
-    seconds = time.time() - t0
+    times = torch.tensor([step() for _ in range(args.bench_steps)])  # (steps, 4) seconds
+    seconds = times.sum().item()
+    data_s, fwd_s, bwd_s, opt_s = times.median(0).values.tolist()
     samples_per_s = B * args.bench_steps / seconds
     tflops = 3 * 2 * count_macs(cfg, "pretrain") * samples_per_s / 1e12  # forward + backward = 3 x forward
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "CPU"
-    print(f"benchmark: HiCMAE-{args.size} pre-training, {B} clips/step, {args.dtype}, compile={args.compile}, "
+    if args.compile:
+        notes.append(f"compile {first - times.sum(1).median().item():.1f} s (first step {first:.1f} s)")
+    if loader is not None:
+        wait = times[:, 0].sum().item() / seconds
+        notes.append(f"the loader ({args.num_workers} workers) included: data wait {wait:.0%}, "
+                     f"median {data_s * 1e3:.1f} ms per step")
+    print(f"benchmark: HiCMAE-{args.size} pre-training, {B} clips/step, {amp_dtype(args, env)}, "
+          f"compile={args.compile}, "
           f"{device_name}: {samples_per_s:.1f} samples/s, {tflops:.1f} TFLOP/s, MFU {tflops / args.peak_tflops:.1%} "
-          f"of {args.peak_tflops:g}, peak memory {peak_memory_mb(env.device):.0f} MB")
+          f"of {args.peak_tflops:g}, peak memory {peak_memory_mb(env.device):.0f} MB\n"
+          f"  per step (median of {args.bench_steps}): forward {fwd_s * 1e3:.1f} ms, backward {bwd_s * 1e3:.1f} ms, "
+          f"optimiser {opt_s * 1e3:.1f} ms" + "".join(f"\n  {n}" for n in notes), flush=True)
     return samples_per_s
 
 
@@ -498,7 +584,8 @@ def build_parser():
     g.add_argument("--gather_negatives", action="store_true",
                    help="HCMCL negatives from every GPU (default: the local batch, as the authors)")
     g.add_argument("--visualize_every", type=int, default=1, help="reconstruction figure every N epochs (0: never)")
-    g.add_argument("--benchmark", action="store_true", help="time training steps on random tensors and exit")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time training steps on random tensors (with --data_path: the loader's batches) and exit")
     g.add_argument("--bench_steps", type=int, default=30)
     g.add_argument("--bench_warmup", type=int, default=10)
     g.add_argument("--peak_tflops", type=float, default=989.0, help="for MFU (H100 SXM dense bf16: 989)")
@@ -518,12 +605,7 @@ def main(argv=None):
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     log(f"model: {cfg}")
 
-    samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
-    dataset = data.PretrainDataset(samples, img_size=cfg.img_size, num_frames=cfg.num_frames,
-                                   sampling_rate=args.sampling_rate, audio_frames=cfg.audio_frames,
-                                   num_mel_bins=cfg.mel_bins, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size,
-                                   video_mask_ratio=cfg.video_mask_ratio, audio_mask_ratio=cfg.audio_mask_ratio,
-                                   seed=args.seed)
+    dataset = pretrain_dataset(args, cfg)
     loader = make_loader(dataset, args, env)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -531,7 +613,7 @@ def main(argv=None):
     torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path)
     optimizer = configure_optimizer(raw_model, 0.0, args.weight_decay, tuple(args.betas), device_type=env.device.type)
     scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
-    model = torch.compile(raw_model) if args.compile else raw_model
+    model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
     if env.ddp:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     figure_batch = to_device(dataset[0], env.device) if env.master and args.visualize_every else None
@@ -542,7 +624,8 @@ def main(argv=None):
             save_reconstruction(Path(args.output_dir) / f"reconstruction-{epoch:03d}.png", raw_model, batch, cfg)
 
     gather = args.gather_negatives and env.ddp
-    train(args, env, model, raw_model, optimizer, scaler, loader, pretraining_loss_fn(cfg, gather), log, on_epoch_end)
+    train(args, env, model, raw_model, optimizer, scaler, loader, pretraining_loss_fn(cfg, gather, args.compile), log,
+          on_epoch_end, check_batch=lambda batch: check_masks(cfg, batch["video_mask"], batch["audio_mask"]))
     log(f"done: checkpoints in {args.output_dir}/")
     if env.ddp:
         del model  # DDP's reducer must go before its process group: freed after it, a rank can hang at exit

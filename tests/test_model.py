@@ -8,8 +8,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import (FUSION_FLOWS, Encoder, HiCMAE, HiCMAEClassifier, authors_config, convert_official, count_macs,
-                   count_params, load_checkpoint, load_weights, make_config, param_groups, pretrain_loss, sincos_table)
+from model import (FUSION_FLOWS, SIZES, Encoder, HiCMAE, HiCMAEClassifier, authors_config, check_masks,
+                   convert_official, count_macs, count_params, load_checkpoint, load_weights, make_config,
+                   param_groups, pretrain_loss, sincos_table)
 
 # SPEC section 2 (the paper's Tables 2-12, checked against the authors' code)
 SPEC_PARAMS = {  # millions: A+V fine-tuning (6 classes), video encoder, audio encoder, pre-training
@@ -103,6 +104,59 @@ def test_pretraining_backward_reaches_every_parameter(switches):
     pretrain_loss(out, video, audio, video_mask, audio_mask, cfg)["loss"].backward()
     unreached = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not unreached, f"no gradient for {unreached}"
+
+
+def graphs_and_breaks(fn, *args):
+    """What torch.compile(fn) would capture, traced by dynamo without compiling (fast on CPU)."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*args)
+    torch._dynamo.reset()
+    return explained.graph_count, explained.graph_break_count, [r.reason for r in explained.break_reasons]
+
+
+def forward_and_loss(model, video, audio, video_mask, audio_mask):
+    return pretrain_loss(model(video, audio, video_mask, audio_mask), video, audio, video_mask, audio_mask, model.cfg)
+
+
+# Every size (their widths, on small inputs), ablation switch and fusion flow, a few at a time (a trace takes seconds)
+ONE_GRAPH = [dict(size="base", drop_path=0.1), dict(size="small", skip_connections=False, fusion_flow="raw-input"),
+             dict(hcmcl_weight=0.0, fusion_flow="video-first"), dict(fusion_flow="audio-first", fusion_depth=1),
+             dict(skip_connections=False, hcmcl_weight=0.0, inter_layers=(1,), fusion_depth=0)]
+
+
+def one_graph_config(size="tiny", **switches):  # a preset's widths and heads on small inputs
+    return small_config(**SIZES[size], **switches)
+
+
+@pytest.mark.parametrize("switches", ONE_GRAPH, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_pretraining_forward_and_loss_are_one_graph(switches):
+    """The visible and masked token counts come from the configuration: no Tensor.item(), no graph break."""
+    cfg = one_graph_config(**switches)
+    model = HiCMAE(cfg).train()
+    video, audio = inputs(cfg, 2)
+    assert graphs_and_breaks(forward_and_loss, model, video, audio, *masks(cfg, 2)) == (1, 0, [])
+
+
+@pytest.mark.parametrize("modality,switches", [("av", dict(size="base", drop_path=0.1)),
+                                               ("av", dict(hierarchical_fusion=False, fusion_flow="raw-input")),
+                                               ("av", dict(fusion_depth=0)), ("video", {}), ("audio", {})], ids=str)
+def test_finetuning_forward_is_one_graph(modality, switches):
+    cfg = one_graph_config(**switches)
+    model = HiCMAEClassifier(cfg, modality, 3).train()
+    video, audio = inputs(cfg, 2)
+    assert graphs_and_breaks(model, video if modality != "audio" else None,
+                             audio if modality != "video" else None) == (1, 0, [])
+
+
+def test_masks_that_disagree_with_the_configuration_are_refused():
+    cfg = small_config()
+    video_mask, audio_mask = masks(cfg, 2)
+    check_masks(cfg, video_mask, audio_mask)
+    audio_mask[1, (~audio_mask[1]).nonzero()[0]] = True  # one more token hidden in the second clip
+    with pytest.raises(ValueError, match=r"audio_mask leaves \[\d+, \d+\] tokens visible.*expects \d+"):
+        check_masks(cfg, video_mask, audio_mask)
+    with pytest.raises(ValueError, match=r"video_mask has shape"):
+        check_masks(cfg, video_mask[:, 1:], masks(cfg, 2)[1])
 
 
 @pytest.mark.parametrize("modality", ["av", "video", "audio"])

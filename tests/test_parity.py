@@ -158,3 +158,62 @@ def test_authors_finetuned_checkpoint_as_finetune_init(ref, tmp_path):
     assert model.cfg.dim == ref["config"]["dim"] and model.cfg.img_size == ref["config"]["img_size"]
     assert not any("fresh" in m for m in messages), messages  # every weight, head included, came from the file
     assert_close("logits", fixture_logits(model, ref), ref["finetune_outputs"]["logits"])
+
+
+def test_bf16_autocast_stays_near_float32_and_the_losses_are_float32(ref, monkeypatch):
+    """CPU autocast casts as CUDA's does: matrix products and convolutions in bf16 (8 significant bits,
+    a relative rounding error of at most 2^-9 = 0.2% per input), norms, softmax and losses in float32.
+    Tolerances: the reconstruction losses are means over thousands of squared errors, so rounding errors
+    of a fraction of a percent in the predictions move them by well under 1%: within 1%. HCMCL's logits
+    are similarity / 0.07, up to 14.3: a 0.2% error in an embedding moves a logit by up to 0.03, the
+    loss (a mean of log-softmaxes) by about as much: within 0.05. Training follows the gradient's
+    direction: its cosine similarity to float32's above 0.999 for the whole gradient and above 0.98 for
+    every tensor (the smallest, 64-value biases, are the noisiest)."""
+    cfg, x = fixture_config(ref), ref["inputs"]
+    model = load_weights(HiCMAE(cfg).eval(), ref["pretrain_state_dict"])
+    entered = []  # what enters the losses: (name, dtype of the input, dtype of the target)
+    for name in ("mse_loss", "cross_entropy"):
+        real = getattr(torch.nn.functional, name)
+        monkeypatch.setattr(torch.nn.functional, name,
+                            lambda a, b, *args, _real=real, _name=name, **kwargs:
+                            entered.append((_name, a.dtype, b.dtype)) or _real(a, b, *args, **kwargs))
+
+    def losses_and_grads(bf16):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x["video"], x["audio"], x["video_mask"], x["audio_mask"])
+            losses = pretrain_loss(out, x["video"], x["audio"], x["video_mask"], x["audio_mask"], cfg)
+        losses["loss"].backward()
+        return out, losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    _, fp32, grads32 = losses_and_grads(False)
+    entered.clear()
+    out, bf16, grads16 = losses_and_grads(True)
+    assert out["video_pred"].dtype == torch.bfloat16  # autocast did run the model in bf16
+    assert {name for name, _, _ in entered} == {"mse_loss", "cross_entropy"}
+    assert all(a == torch.float32 for _, a, _ in entered), entered  # predictions and HCMCL logits
+    assert all(b == torch.float32 for name, _, b in entered if name == "mse_loss"), entered  # targets
+    for k in ("loss", "loss_video", "loss_audio"):
+        assert bf16[k].dtype == torch.float32 and bf16[k].item() == pytest.approx(fp32[k].item(), rel=0.01), k
+    assert bf16["loss_hcmcl"].dtype == torch.float32
+    assert bf16["loss_hcmcl"].item() == pytest.approx(fp32["loss_hcmcl"].item(), abs=0.05)
+    cosine = torch.nn.functional.cosine_similarity
+    flat32, flat16 = (torch.cat([g[n].flatten() for n in grads32]) for g in (grads32, grads16))
+    assert cosine(flat16, flat32, dim=0) > 0.999
+    per_tensor = {n: cosine(grads16[n].flatten(), grads32[n].flatten(), dim=0).item() for n in grads32}
+    worst = min(per_tensor, key=per_tensor.get)
+    assert per_tensor[worst] > 0.98, (worst, per_tensor[worst])
+
+
+def test_bf16_autocast_finetuning_logits_stay_near_the_reference(ref):
+    """The fine-tuning model under CPU autocast against the authors' float32 logits: within 2% of their
+    range (a few bf16 roundings of 0.2% each, through the same layers as above)."""
+    cfg, x = fixture_config(ref), ref["inputs"]
+    model = HiCMAEClassifier(cfg, "av", ref["config"]["num_classes"]).eval()
+    load_weights(model, ref["finetune_state_dict"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x["video"], x["audio"])
+    expected = ref["finetune_outputs"]["logits"]
+    assert logits.dtype == torch.bfloat16  # autocast did run the model in bf16
+    err = (logits.float() - expected).abs().max().item()
+    assert err <= 0.02 * (expected.max() - expected.min()).item(), err

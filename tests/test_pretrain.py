@@ -1,6 +1,7 @@
 """pretrain.py on CPU: DDP equals one process, exact mid-epoch resume, NaN stop, --init, a falling loss."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import data
+import model
 import pretrain
 from model import convert_official, load_checkpoint, model_state
 
@@ -128,6 +131,66 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mani
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
 
 
+def test_a_non_finite_loss_between_checks_stops_at_the_next_check_naming_its_step(manifest, tmp_path, monkeypatch):
+    """No logging until the end: the flag kept on the device is read when step 4 would save, which it must not."""
+    calls = []
+    real_loss = pretrain.pretrain_loss
+
+    def loss_that_explodes(*args, **kwargs):
+        parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(pretrain, "pretrain_loss", loss_that_explodes)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match=r"non-finite loss .* step 3:.*last\.pth"):
+        pretrain.main([*TINY, "--data_path", manifest, "--epochs", "2", "--batch_size", "2", "--log_every", "100",
+                       "--save_every_steps", "2", "--output_dir", str(out)])
+    assert len(calls) == 4  # the run went on to step 4 without reading the loss
+    checkpoint = load_checkpoint(out / "last.pth")
+    assert checkpoint["progress"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+def test_no_host_reads_between_logging_steps(manifest, tmp_path, monkeypatch):
+    """Steps that do not log never wait for the device: no tensor is read on the host there, except the
+    loader's host batch (bad-sample count, mask check) and the optimiser's step counters, host tensors too."""
+    host_side = tuple(os.sep + os.path.join("torch", *part) + os.sep for part in (["optim"], ["utils", "data"]))
+    host_code = (data.BadSampleMonitor.update.__code__, model.check_masks.__code__)
+    steps, reads = [0], []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = frame = sys._getframe(1)
+            while frame is not None and not (frame.f_code in host_code or any(h in frame.f_code.co_filename
+                                                                              for h in host_side)):
+                frame = frame.f_back
+            if frame is None:  # no host-side code on the stack
+                reads.append((steps[0], name, f"{caller.f_code.co_filename}:{caller.f_lineno}"))
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    hook = register_optimizer_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+    try:  # 4 steps, logged after steps 2 and 4, saved after step 4
+        pretrain.main([*TINY, "--data_path", manifest, "--epochs", "1", "--batch_size", "2", "--log_every", "2",
+                       "--output_dir", str(tmp_path / "run")])
+    finally:
+        hook.remove()
+    assert [r["step"] for r in logged(tmp_path / "run")] == [2, 4]
+    between = [r for r in reads if r[0] % 2 != 0]  # from optimiser step 1 (3) to the next: all of step 2 (4)
+    assert not between, f"host reads between logging steps (after step, read, where): {between}"
+    assert any(r[0] == 2 for r in reads)  # the counting works: logging reads the losses
+
+
 def test_init_from_the_authors_checkpoint(manifest, tmp_path):
     """The tiny authors' checkpoint, with lr 0 so that the saved weights are exactly the loaded ones."""
     config = ["--device", "cpu", "--size", "tiny", "--img_size", "32", "--num_frames", "16", "--audio_frames", "64",
@@ -165,3 +228,28 @@ def test_benchmark_reports_throughput(capsys):
     assert samples_per_s > 0
     line = capsys.readouterr().out
     assert "samples/s" in line and "TFLOP/s" in line and "MFU" in line and "peak memory" in line
+    assert all(f"{part} " in line and " ms" in line for part in ("forward", "backward", "optimiser"))
+
+
+def test_compiled_benchmark_reports_graph_breaks_and_compile_time(capsys, monkeypatch, manifest):
+    """Dynamo with the eager backend (no inductor build in a test): fullgraph=True fails on any break."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager", **kwargs))
+    pretrain.main([*TINY, "--benchmark", "--compile", "--batch_size", "2", "--bench_steps", "2", "--bench_warmup", "1",
+                   "--data_path", manifest])
+    torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert "graph breaks in forward + loss: 0 (graphs: 1)" in out
+    assert re.search(r"compile -?\d+\.\d s \(first step \d+\.\d s\)", out)
+    assert re.search(r"loader \(0 workers\) included: data wait \d+%", out)
+
+
+def test_autocast_is_bf16_on_cpu_when_asked_and_fp32_by_default():
+    env = pretrain.Env(0, 0, 1, torch.device("cpu"), False)
+    args = pretrain.build_parser().parse_args(["--device", "cpu"])
+    assert args.dtype is None
+    with pretrain.autocast(args, env):
+        assert not torch.is_autocast_enabled("cpu")
+    args = pretrain.build_parser().parse_args(["--device", "cpu", "--dtype", "bf16"])
+    with pretrain.autocast(args, env):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

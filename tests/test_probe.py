@@ -8,7 +8,7 @@ import torch
 import data
 import evaluate
 import pretrain
-from model import HiCMAE, make_config, reconstruction_targets
+from model import make_config, reconstruction_targets
 
 
 def labelled_features(n, dim, informative, seed):
