@@ -558,22 +558,19 @@ def extract_features(models, loader, device, inter_layers):
 
 
 def feature_sets(feats, modality):
-    """The probed feature sets of a model: av (all parts), audio and video (each encoder's own part)."""
-    sets = {}
-    if modality == "av":
-        sets["av"] = torch.cat([feats[k] for k in FEATURE_PARTS if k in feats], 1)
-    for m in ("audio", "video"):
-        if m in feats:
-            sets[m] = feats[m]
+    """The probed feature sets of a model: av (all parts), audio and video (each encoder's own part);
+    with modality None, those of no model (the plain statistics)."""
+    if modality is None:
+        return {"av": torch.cat([feats["plain_video"], feats["plain_audio"]], 1),
+                "audio": feats["plain_audio"], "video": feats["plain_video"]}
+    sets = {"av": torch.cat([feats[k] for k in FEATURE_PARTS if k in feats], 1)} if modality == "av" else {}
+    sets.update({m: feats[m] for m in ("audio", "video") if m in feats})
     return sets
 
 
 def probe_all(train, test, train_y, test_y, task, num_classes, args, modality):
     """Every probe figure of one encoder (or the no-model baseline when modality is None)."""
-    sets = feature_sets(train, modality) if modality else {"av": torch.cat([train["plain_video"], train["plain_audio"]], 1),
-                                                           "audio": train["plain_audio"], "video": train["plain_video"]}
-    test_sets = feature_sets(test, modality) if modality else {"av": torch.cat([test["plain_video"], test["plain_audio"]], 1),
-                                                               "audio": test["plain_audio"], "video": test["plain_video"]}
+    sets, test_sets = feature_sets(train, modality), feature_sets(test, modality)
     result = {}
     for name, x in sets.items():
         result[f"{name}_linear"] = linear_probe(x, train_y, test_sets[name], test_y, task, num_classes)
