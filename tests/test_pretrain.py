@@ -110,7 +110,8 @@ def test_resume_in_the_middle_of_an_epoch_follows_the_same_trajectory(manifest, 
         assert torch.equal(w1[k], w2[k]), k
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(manifest, tmp_path, monkeypatch):
+def nan_at_third_loss(monkeypatch):
+    """Make the third call of the pre-training loss return NaN; returns the list of calls."""
     calls = []
     real_loss = pretrain.pretrain_loss
 
@@ -122,6 +123,11 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mani
         return parts
 
     monkeypatch.setattr(pretrain, "pretrain_loss", loss_that_explodes)
+    return calls
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(manifest, tmp_path, monkeypatch):
+    nan_at_third_loss(monkeypatch)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match=r"non-finite loss .* step 3.*last\.pth"):
         pretrain.main([*TINY, "--data_path", manifest, "--epochs", "2", "--batch_size", "2",
@@ -133,17 +139,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mani
 
 def test_a_non_finite_loss_between_checks_stops_at_the_next_check_naming_its_step(manifest, tmp_path, monkeypatch):
     """No logging until the end: the flag kept on the device is read when step 4 would save, which it must not."""
-    calls = []
-    real_loss = pretrain.pretrain_loss
-
-    def loss_that_explodes(*args, **kwargs):
-        parts = real_loss(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 3:
-            parts["loss"] = parts["loss"] * float("nan")
-        return parts
-
-    monkeypatch.setattr(pretrain, "pretrain_loss", loss_that_explodes)
+    calls = nan_at_third_loss(monkeypatch)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit, match=r"non-finite loss .* step 3:.*last\.pth"):
         pretrain.main([*TINY, "--data_path", manifest, "--epochs", "2", "--batch_size", "2", "--log_every", "100",
