@@ -427,6 +427,9 @@ def load_finetuned(path, device="cpu", **overrides):
     run = ckpt.get("args") if isinstance(ckpt, dict) else None
     if isinstance(run, argparse.Namespace):
         cfg, modality, num_outputs = authors_config(run, model_state(ckpt), **overrides)
+        if num_outputs is None:
+            raise ValueError(f"{path}: the authors' pre-training checkpoint has no head: fine-tune it "
+                             "(finetune.py --init), or probe its encoders (evaluate.py --probe)")
         run = dict(task="regression" if hasattr(run, "loss") else "classification", modality=modality,
                    num_outputs=num_outputs, sampling_rate=run.sampling_rate, num_clips=run.test_num_segment,
                    num_crops=run.test_num_crop)
@@ -696,15 +699,15 @@ def probe_checkpoint(args):
     env = setup(args)
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt)
-    if isinstance(ckpt.get("args"), argparse.Namespace):  # the authors' fine-tuned checkpoint-best.pth
+    if isinstance(ckpt.get("args"), argparse.Namespace):  # the authors': checkpoint-best.pth or checkpoint-99.pth
         cfg, modality, _ = authors_config(ckpt["args"], state, heads=args.heads)
-        sampling_rate = ckpt["args"].sampling_rate
+        sampling_rate = getattr(ckpt["args"], "sampling_rate", None) or 4  # their pre-training saves none: 4
     elif "model_config" in ckpt:  # ours: pretrain.py or finetune.py
         cfg = HiCMAEConfig.from_dict(ckpt["model_config"])
         modality, sampling_rate = ckpt["args"].get("modality", "av"), ckpt["args"].get("sampling_rate", 4)
     else:
-        raise ValueError(f"{args.checkpoint}: neither a checkpoint of pretrain.py or finetune.py nor an authors' "
-                         "fine-tuned one")
+        raise ValueError(f"{args.checkpoint}: neither a checkpoint of pretrain.py or finetune.py nor one of "
+                         "the authors'")
     if args.data_path is None:
         args.data_path, args.test_path = pretrain.demo_manifests(env)
     if args.test_path is None:
@@ -733,7 +736,7 @@ def probe_checkpoint(args):
                "random_sd": {k: float(np.std([r[k] for r in randoms])) for k in randoms[0]
                              if not isinstance(randoms[0][k], list)},
                "no_model": probe_all(train[-1], test[-1], train_y, test_y, task, num_classes, args, None)}
-    if any(k.startswith(("video_decoder.", "decoder.")) for k in state):
+    if "model_config" in ckpt and any(k.startswith("video_decoder.") for k in state):  # ours: decoders known
         model = load_weights(HiCMAE(cfg), state, log=quiet).to(env.device)
         results["pretrained"].update(reconstruction_vs_constant(model, test_samples, cfg, sampling_rate, args.batch_size,
                                                                 args.num_workers, env.device))

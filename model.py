@@ -719,40 +719,54 @@ def model_state(checkpoint):
 
 
 def authors_config(namespace, state_dict, **overrides):
-    """(HiCMAEConfig, modality, num_outputs) of a model saved by the authors' fine-tuning scripts.
+    """(HiCMAEConfig, modality, num_outputs) of a model saved by the authors' scripts: fine-tuned
+    (checkpoint-best.pth) or pre-trained (checkpoint-99.pth, num_outputs None).
 
-    From their saved arguments: input_size, num_frames, input_size_audio, num_mel_bins, depth (and
-    depth_audio, which must equal it), fusion_depth; from the weights' shapes: the width, patch and
-    tubelet sizes, the modalities, the hierarchical layer weights and the number of outputs. The
-    number of heads is not in the file: the authors' model names give it by width (SIZES: 256 -> 4,
-    384 -> 6, 512 -> 8). `overrides` (e.g. heads=4; None values are ignored) win over all of these.
+    From their saved arguments: input_size, input_size_audio, num_mel_bins, the depth (fine-tuning:
+    depth and depth_audio, which must be equal; pre-training: encoder_depth, encoder_depth_audio), the
+    fusion depth (fusion_depth; encoder_fusion_depth), the frames (num_frames; pre-training: window_size
+    times the tubelet), the selected layers (pre-training: return_intermediate_features); from the
+    weights' shapes: the width, patch and tubelet sizes, the modalities, the hierarchical layer weights
+    and the number of outputs. The number of heads is not in the file: the authors' model names give it
+    by width (SIZES: 256 -> 4, 384 -> 6, 512 -> 8). `overrides` (e.g. heads=4; None values are
+    ignored) win over all of these.
     """
     args = vars(namespace)
-    if "head.weight" not in state_dict:
-        raise ValueError("not a fine-tuned model of the authors (no classification or regression head)")
-    if args.get("head_activation_func") or args.get("keep_temporal_dim"):
+
+    def saved(*names, default=None):  # the first of their argument names that holds a value
+        return next((args[n] for n in names if args.get(n) is not None), default)
+
+    if saved("head_activation_func") or saved("keep_temporal_dim"):
         raise ValueError("the authors' --head_activation_func and --keep_temporal_dim are not supported")
     video = state_dict.get("encoder.patch_embed.proj.weight")
     audio = state_dict.get("encoder_audio.patch_embed.proj.weight")
+    head = state_dict.get("head.weight")
     modality = "av" if video is not None and audio is not None else "video" if video is not None else "audio"
     embed = video if video is not None else audio
-    if modality == "av" and args.get("depth_audio", args["depth"]) != args["depth"]:
-        raise ValueError(f"video depth {args['depth']} and audio depth {args['depth_audio']}: one depth is supported")
-    depth = args["depth"] if video is not None else args.get("depth_audio", args["depth"])
+    depth_video, depth_audio = saved("depth", "encoder_depth"), saved("depth_audio", "encoder_depth_audio")
+    if modality == "av" and depth_audio is not None and depth_audio != depth_video:
+        raise ValueError(f"video depth {depth_video} and audio depth {depth_audio}: one depth is supported")
+    tubelet = video.shape[2] if video is not None else 2
+    window = saved("window_size")  # pre-training: (frames / tubelet, rows, columns)
     size = next((name for name, preset in SIZES.items() if preset["dim"] == embed.shape[0]), None)
     config = dict(SIZES[size] if size else dict(heads=None),
-                  img_size=args.get("input_size", 160), num_frames=args.get("num_frames", 16),
-                  tubelet_size=video.shape[2] if video is not None else 2, patch_size=embed.shape[-1],
-                  audio_frames=args.get("input_size_audio", 256), mel_bins=args.get("num_mel_bins", 128),
-                  dim=embed.shape[0], depth=depth, fusion_depth=args.get("fusion_depth", 0) if modality == "av" else 0,
-                  hierarchical_fusion=any(k.endswith("layer_weights") for k in state_dict))
+                  img_size=saved("input_size", default=160),
+                  num_frames=saved("num_frames", default=window[0] * tubelet if window else 16),
+                  tubelet_size=tubelet, patch_size=embed.shape[-1],
+                  audio_frames=saved("input_size_audio", default=256), mel_bins=saved("num_mel_bins", default=128),
+                  dim=embed.shape[0], depth=depth_video if video is not None else depth_audio or depth_video,
+                  fusion_depth=saved("fusion_depth", "encoder_fusion_depth", default=0) if modality == "av" else 0,
+                  # a pre-trained model is fine-tuned with the layer weights (Eq. 12), so it is probed with them
+                  hierarchical_fusion=head is None or any(k.endswith("layer_weights") for k in state_dict))
+    if saved("return_intermediate_features") is not None:
+        config["inter_layers"] = tuple(saved("return_intermediate_features"))
     config.update({k: v for k, v in overrides.items() if v is not None})
     if config["heads"] is None:
         raise ValueError(f"the number of heads of width {config['dim']} is not in the checkpoint, and the "
                          "authors' model names give it only for 256, 384 and 512: pass --heads")
     if any(i >= config["depth"] for i in config.get("inter_layers", HiCMAEConfig.inter_layers)):
         config["inter_layers"] = tuple(range(config["depth"] - 3, config["depth"]))  # unused by the classifier
-    return HiCMAEConfig(**config), modality, state_dict["head.weight"].shape[0]
+    return HiCMAEConfig(**config), modality, None if head is None else head.shape[0]
 
 
 def _unused_parts(model):

@@ -14,7 +14,7 @@ import torch
 
 import evaluate
 import finetune
-from model import (HiCMAE, HiCMAEClassifier, HiCMAEConfig, load_checkpoint, load_weights, model_state,
+from model import (HiCMAE, HiCMAEClassifier, HiCMAEConfig, authors_config, load_checkpoint, load_weights, model_state,
                    pretrain_loss, reconstruction_targets)
 from pretrain import start_state
 
@@ -217,3 +217,15 @@ def test_bf16_autocast_finetuning_logits_stay_near_the_reference(ref):
     assert logits.dtype == torch.bfloat16  # autocast did run the model in bf16
     err = (logits.float() - expected).abs().max().item()
     assert err <= 0.02 * (expected.max() - expected.min()).item(), err
+
+
+def test_authors_pretraining_checkpoint_gives_the_fixtures_configuration(ref):
+    """Their pre-training arguments (encoder_depth, encoder_fusion_depth, window_size,
+    return_intermediate_features, ...) and weights give the fixture's geometry and selected layers."""
+    checkpoint = load_checkpoint(beside_fixture("checkpoint-99.pth"))
+    cfg, modality, num_outputs = authors_config(checkpoint["args"], model_state(checkpoint), heads=ref["config"]["heads"])
+    expected = fixture_config(ref)
+    for name in ("img_size", "num_frames", "tubelet_size", "patch_size", "audio_frames", "mel_bins", "dim", "depth",
+                 "fusion_depth", "inter_layers"):
+        assert getattr(cfg, name) == getattr(expected, name), name
+    assert (modality, num_outputs) == ("av", None)

@@ -121,20 +121,30 @@ def test_probe_command_on_a_pretraining_checkpoint(demo, tmp_path, capsys):
     assert "av linear probe" in printed and "video reconstruction on the test clips" in printed
 
 
-def test_probe_takes_the_authors_finetuned_checkpoint(tmp_path, capsys):
-    """Their fine-tuned file (tiny fixture geometry, 4 heads) through --probe; a tiny manifest of frame
-    folders at their 32 x 32 geometry stands in for a data set."""
+@pytest.mark.parametrize("name", ["official_tiny_finetuned_checkpoint-best.pth", "official_tiny_checkpoint-99.pth"])
+def test_probe_takes_the_authors_checkpoints(name, tmp_path):
+    """Their fine-tuned and pre-training files (tiny fixture geometry, 4 heads) through --probe; a tiny
+    manifest of frame folders at their 32 x 32 geometry stands in for a data set."""
     from pathlib import Path
     reference = Path(__file__).resolve().parents[2] / "shared" / "reference"
     media = reference / "authors_test_views_media"
-    rows = [f"{media / name} {media / name}.wav {label}" for name, label in (("1001_DFA_ANG_XX", 0), ("1002_IEO_HAP_HI", 1))]
+    rows = [f"{media / clip} {media / clip}.wav {label}" for clip, label in (("1001_DFA_ANG_XX", 0), ("1002_IEO_HAP_HI", 1))]
     manifest = tmp_path / "rows.csv"
     manifest.write_text("\n".join(rows * 2) + "\n")
     out = tmp_path / "probe.json"
-    evaluate.main(["--probe", "--checkpoint", str(reference / "official_tiny_finetuned_checkpoint-best.pth"),
-                   "--heads", "4", "--data_path", str(manifest), "--test_path", str(manifest), "--json", str(out),
-                   "--num_workers", "0", "--device", "cpu", "--random_seeds", "1", "--labels_per_class", "0",
-                   "--knn_k", "1"])
+    evaluate.main(["--probe", "--checkpoint", str(reference / name), "--heads", "4", "--data_path", str(manifest),
+                   "--test_path", str(manifest), "--json", str(out), "--num_workers", "0", "--device", "cpu",
+                   "--random_seeds", "1", "--labels_per_class", "0", "--knn_k", "1"])
     results = json.loads(out.read_text())
     assert results["setting"]["train_clips"] == 4 and "av_linear" in results["pretrained"]
-    assert "loss_video" not in results["pretrained"]  # a fine-tuned model has no decoders
+    # the fixture's selected layers, which their pre-training file saves; a fine-tuned one has none: the last 3
+    assert results["setting"]["inter_layers"] == ([0, 2, 3] if "99" in name else [1, 2, 3])
+    assert "loss_video" not in results["pretrained"]  # their decoders' heads are not in the file: no reconstruction
+
+
+def test_testing_the_authors_pretraining_checkpoint_says_what_to_do(tmp_path):
+    from pathlib import Path
+    reference = Path(__file__).resolve().parents[2] / "shared" / "reference"
+    with pytest.raises(SystemExit, match=r"checkpoint-99\.pth: the authors' pre-training checkpoint has no head.*--probe"):
+        evaluate.main(["--checkpoint", str(reference / "official_tiny_checkpoint-99.pth"), "--heads", "4",
+                       "--video", str(reference / "authors_test_views_media" / "1001_DFA_ANG_XX"), "--device", "cpu"])
