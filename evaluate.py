@@ -49,7 +49,7 @@ from torchvision.io import write_png
 import data
 from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, HiCMAEConfig, authors_config, convert_official,
                    load_checkpoint, load_weights, model_state, reconstruction_targets)
-from pretrain import autocast, setup
+from pretrain import autocast, demo_manifests, setup
 
 # ----------------------------------------------------------------------------------------------
 # 1. Metrics
@@ -695,7 +695,6 @@ def probe_loader(samples, cfg, sampling_rate, args):
 def probe_checkpoint(args):
     """Frozen-feature evaluation of a checkpoint against the same model at random initialisation and
     against no model: print a table, and write every figure to --json."""
-    import pretrain  # the demo data set's manifests
     env = setup(args)
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt)
@@ -709,7 +708,7 @@ def probe_checkpoint(args):
         raise ValueError(f"{args.checkpoint}: neither a checkpoint of pretrain.py or finetune.py nor one of "
                          "the authors'")
     if args.data_path is None:
-        args.data_path, args.test_path = pretrain.demo_manifests(env)
+        args.data_path, args.test_path = demo_manifests(env)
     if args.test_path is None:
         raise ValueError("--probe needs --test_path TEST with --data_path TRAIN")
     task = data.guess_task(args.data_path)
