@@ -49,7 +49,7 @@ from torchvision.io import write_png
 import data
 from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, HiCMAEConfig, authors_config, convert_official,
                    load_checkpoint, load_weights, model_state, reconstruction_targets)
-from pretrain import autocast, demo_manifests, setup
+from pretrain import autocast, demo_manifests, pretrain_dataset, setup
 
 # ----------------------------------------------------------------------------------------------
 # 1. Metrics
@@ -595,10 +595,7 @@ def reconstruction_vs_constant(pretrain_model, samples, cfg, sampling_rate, batc
     """Mean masked-token MSE of a pre-training model on samples, with the pre-training crop and masks,
     and that of the best constant predictor (each target's mean over the set): {"loss_video",
     "const_video", "loss_audio", "const_audio"}."""
-    dataset = data.PretrainDataset(samples, img_size=cfg.img_size, num_frames=cfg.num_frames, sampling_rate=sampling_rate,
-                                   audio_frames=cfg.audio_frames, num_mel_bins=cfg.mel_bins, patch_size=cfg.patch_size,
-                                   tubelet_size=cfg.tubelet_size, video_mask_ratio=cfg.video_mask_ratio,
-                                   audio_mask_ratio=cfg.audio_mask_ratio, seed=seed, strict=True)
+    dataset = pretrain_dataset(samples, cfg, sampling_rate, seed, strict=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     pretrain_model.eval()
     sums = {}

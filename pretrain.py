@@ -401,13 +401,16 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
 # ----------------------------------------------------------------------------------------------
 # 8. Pre-training: the loss, the reconstruction figure, the benchmark
 
-def pretrain_dataset(args, cfg):
-    samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
-    return data.PretrainDataset(samples, img_size=cfg.img_size, num_frames=cfg.num_frames,
-                                sampling_rate=args.sampling_rate, audio_frames=cfg.audio_frames,
-                                num_mel_bins=cfg.mel_bins, patch_size=cfg.patch_size, tubelet_size=cfg.tubelet_size,
-                                video_mask_ratio=cfg.video_mask_ratio, audio_mask_ratio=cfg.audio_mask_ratio,
-                                seed=args.seed)
+def pretrain_dataset(samples, cfg, sampling_rate, seed, strict=False):
+    """Pre-training items of samples in the model's geometry and mask ratios (also evaluate.py's probe)."""
+    return data.PretrainDataset(samples, img_size=cfg.img_size, num_frames=cfg.num_frames, sampling_rate=sampling_rate,
+                                audio_frames=cfg.audio_frames, num_mel_bins=cfg.mel_bins, patch_size=cfg.patch_size,
+                                tubelet_size=cfg.tubelet_size, video_mask_ratio=cfg.video_mask_ratio,
+                                audio_mask_ratio=cfg.audio_mask_ratio, seed=seed, strict=strict)
+
+
+def read_pretrain_manifest(args):
+    return data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
 
 
 def pretraining_loss_fn(cfg, gather, compile=False):
@@ -485,7 +488,8 @@ def benchmark(args, env, cfg):
         video_mask=torch.stack([data.tube_mask(*cfg.video_grid, cfg.video_mask_ratio, g) for _ in range(B)]),
         audio_mask=torch.stack([data.random_mask(cfg.num_audio_tokens, cfg.audio_mask_ratio, g) for _ in range(B)])),
         env.device)
-    loader = make_loader(pretrain_dataset(args, cfg), args, env) if args.data_path else None
+    loader = (make_loader(pretrain_dataset(read_pretrain_manifest(args), cfg, args.sampling_rate, args.seed), args, env)
+              if args.data_path else None)
     batches = iter(())
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
     notes = []
@@ -605,7 +609,7 @@ def main(argv=None):
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     log(f"model: {cfg}")
 
-    dataset = pretrain_dataset(args, cfg)
+    dataset = pretrain_dataset(read_pretrain_manifest(args), cfg, args.sampling_rate, args.seed)
     loader = make_loader(dataset, args, env)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
