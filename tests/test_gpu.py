@@ -1,0 +1,149 @@
+"""On a CUDA GPU (skipped without one): the authors' tensors in float32, bf16 autocast near float32, the
+fused attention kernels, torch.compile against eager, and checkpoints moving between GPU and CPU."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import data
+from model import HiCMAE, HiCMAEClassifier, load_checkpoint, load_weights, make_config, pretrain_loss
+from pretrain import pretraining_loss_fn
+from test_parity import FIXTURE, assert_close, fixture_config
+from test_pretrain import TINY, logged, run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    ref = torch.load(FIXTURE, map_location="cpu", weights_only=True)
+    return ref, {k: v.to(CUDA) for k, v in ref["inputs"].items()}
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """float32 means float32 here: no TF32 in matrix products or convolutions (pretrain.py enables it)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_float32_on_the_gpu_equals_the_authors_tensors(ref):
+    ref, x = ref
+    cfg = fixture_config(ref)
+    model = load_weights(HiCMAE(cfg).eval(), ref["pretrain_state_dict"]).to(CUDA)
+    with torch.no_grad():
+        out = model(x["video"], x["audio"], x["video_mask"], x["audio_mask"])
+        losses = pretrain_loss(out, x["video"], x["audio"], x["video_mask"], x["audio_mask"], cfg)
+    assert_close("video_pred", out["video_pred"].cpu(), ref["pretrain_outputs"]["video_pred"])
+    assert_close("audio_pred", out["audio_pred"].cpu(), ref["pretrain_outputs"]["audio_pred"])
+    for name, value in ref["pretrain_losses"].items():
+        assert_close(name, losses[name].cpu(), value)
+    classifier = HiCMAEClassifier(cfg, "av", ref["config"]["num_classes"]).eval()
+    classifier = load_weights(classifier, ref["finetune_state_dict"]).to(CUDA)
+    with torch.no_grad():
+        logits = classifier(x["video"], x["audio"])
+    assert_close("logits", logits.cpu(), ref["finetune_outputs"]["logits"])
+
+
+def losses_and_grads(model, x, cfg, bf16):
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        out = model(x["video"], x["audio"], x["video_mask"], x["audio_mask"])
+        losses = pretrain_loss(out, x["video"], x["audio"], x["video_mask"], x["audio_mask"], cfg)
+    losses["loss"].backward()
+    return out, losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_bf16_close(fp32, grads32, bf16, grads16):
+    """The tolerances of test_parity's CPU bf16 test, for the same reasons (its docstring): the
+    reconstruction losses within 1%, HCMCL within 0.05, the gradient's direction (cosine) above 0.999
+    overall and above 0.98 for every tensor."""
+    for k in ("loss", "loss_video", "loss_audio"):
+        assert bf16[k].dtype == torch.float32 and bf16[k].item() == pytest.approx(fp32[k].item(), rel=0.01), k
+    assert bf16["loss_hcmcl"].item() == pytest.approx(fp32["loss_hcmcl"].item(), abs=0.05)
+    for g in grads16.values():
+        assert torch.isfinite(g).all()
+    cosine = torch.nn.functional.cosine_similarity
+    flat32, flat16 = (torch.cat([g[n].flatten() for n in grads32]) for g in (grads32, grads16))
+    assert cosine(flat16, flat32, dim=0) > 0.999
+    per_tensor = {n: cosine(grads16[n].flatten(), grads32[n].flatten(), dim=0).item() for n in grads32}
+    worst = min(per_tensor, key=per_tensor.get)
+    assert per_tensor[worst] > 0.98, (worst, per_tensor[worst])
+
+
+def test_bf16_autocast_pretraining_and_finetuning_stay_near_float32(ref):
+    ref, x = ref
+    cfg = fixture_config(ref)
+    model = load_weights(HiCMAE(cfg).eval(), ref["pretrain_state_dict"]).to(CUDA)
+    _, fp32, grads32 = losses_and_grads(model, x, cfg, bf16=False)
+    out, bf16, grads16 = losses_and_grads(model, x, cfg, bf16=True)
+    assert out["video_pred"].dtype == torch.bfloat16  # autocast did run the model in bf16
+    assert_bf16_close(fp32, grads32, bf16, grads16)
+
+    # fine-tuning: logits within 2% of the authors' range (test_parity's CPU bound), gradients finite
+    classifier = HiCMAEClassifier(cfg, "av", ref["config"]["num_classes"]).eval()
+    classifier = load_weights(classifier, ref["finetune_state_dict"]).to(CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = classifier(x["video"], x["audio"])
+    expected = ref["finetune_outputs"]["logits"]
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float().cpu() - expected).abs().max() <= 0.02 * (expected.max() - expected.min())
+    torch.nn.functional.cross_entropy(logits.float(), torch.arange(len(logits), device=CUDA) % logits.shape[1]).backward()
+    assert all(torch.isfinite(p.grad).all() for p in classifier.parameters() if p.grad is not None)
+
+
+def test_attention_runs_on_the_fused_kernels_in_bf16():
+    """HiCMAE-B's shapes with the math kernel ruled out: a fallback to it raises 'No available kernel'."""
+    cfg = make_config("base")
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=CUDA)
+    audio = torch.randn(2, 1, cfg.audio_frames, cfg.mel_bins, device=CUDA)
+    video_mask = torch.stack([data.tube_mask(*cfg.video_grid, cfg.video_mask_ratio, g) for _ in range(2)]).to(CUDA)
+    audio_mask = torch.stack([data.random_mask(cfg.num_audio_tokens, cfg.audio_mask_ratio, g) for _ in range(2)]).to(CUDA)
+    model, classifier = HiCMAE(cfg).to(CUDA), HiCMAEClassifier(cfg, "av", 6).to(CUDA)
+    for backends in ([SDPBackend.FLASH_ATTENTION], [SDPBackend.EFFICIENT_ATTENTION]):
+        with sdpa_kernel(backends), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(video, audio, video_mask, audio_mask)
+            pretrain_loss(out, video, audio, video_mask, audio_mask, cfg)["loss"].backward()
+            classifier(video, audio).float().sum().backward()
+
+
+def test_compiled_losses_equal_eager_within_bf16_tolerance(ref):
+    ref, x = ref
+    cfg = fixture_config(ref)
+    model = load_weights(HiCMAE(cfg).eval(), ref["pretrain_state_dict"]).to(CUDA)
+    eager, compiled = pretraining_loss_fn(cfg, False), pretraining_loss_fn(cfg, False, compile=True)
+    compiled_model = torch.compile(model, fullgraph=True)
+
+    def run_with(compute, module):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            parts = compute(module, x)
+        parts["loss"].backward()
+        return parts, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager_parts, eager_grads = run_with(eager, model)
+    compiled_parts, compiled_grads = run_with(compiled, compiled_model)
+    assert_bf16_close(eager_parts, eager_grads, compiled_parts, compiled_grads)
+
+
+def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back(tmp_path):
+    """4 steps per epoch: steps 1-3 on the GPU, 4-6 on the CPU, 7-8 on the GPU again, in float32, against
+    one run on the GPU. The losses agree within 2%: the GPU's TF32 products (10-bit mantissas) and the
+    CPU's float32 drift apart over a few steps at the tiny model's learning rate of 0.05."""
+    manifest, _ = data.write_demo(tmp_path / "demo", seed=1, num_train=8, num_test=4)
+    cpu = [*TINY, "--data_path", str(manifest), "--epochs", "2", "--batch_size", "2", "--dtype", "fp32"]
+    gpu = [*cpu, "--device", "cuda"]  # the later --device wins
+    run(*gpu, "--output_dir", str(tmp_path / "straight"))
+    run(*gpu, "--output_dir", str(tmp_path / "split"), "--stop_at_step", "3")
+    run(*cpu, "--output_dir", str(tmp_path / "split"), "--stop_at_step", "6")
+    assert load_checkpoint(tmp_path / "split" / "last.pth")["progress"]["step"] == 6
+    run(*gpu, "--output_dir", str(tmp_path / "split"))
+    straight, split = logged(tmp_path / "straight"), logged(tmp_path / "split")
+    assert [r["step"] for r in split] == [r["step"] for r in straight] == list(range(1, 9))
+    for a, b in zip(straight, split):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.02) and b["lr"] == pytest.approx(a["lr"]), a["step"]
+    weights = load_checkpoint(tmp_path / "split" / "last.pth")["model"]
+    assert all(w.device.type == "cpu" and torch.isfinite(w).all() for w in weights.values())
