@@ -127,6 +127,8 @@ def setup(args):
         device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     else:
         rank, local_rank, world_size, device = 0, 0, 1, torch.device(args.device)
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU, which set_device needs named
+            device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the cores left to this process after its loader workers: more threads than cores spin and crawl
         per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))

@@ -249,3 +249,22 @@ def test_autocast_is_bf16_on_cpu_when_asked_and_fp32_by_default():
     args = pretrain.build_parser().parse_args(["--device", "cpu", "--dtype", "bf16"])
     with pretrain.autocast(args, env):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_a_plain_cuda_device_is_named_with_the_current_gpu(monkeypatch):
+    """torch.cuda.set_device refuses an index-less "cuda" (seen on an H200: `pretrain.py --device cuda` died in
+    setup); a single process names the current GPU. set_device is replaced by one that refuses as CUDA's does."""
+    def set_device(device):
+        if device.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        named.append(device)
+
+    named = []
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # setup turns TF32 on
+    try:
+        env = pretrain.setup(pretrain.build_parser().parse_args(["--device", "cuda"]))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert env.device == torch.device("cuda", 0) and named == [torch.device("cuda", 0)]
