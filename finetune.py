@@ -127,7 +127,7 @@ def train_set(samples, args, cfg):
         samples, train=True, img_size=cfg.img_size, num_frames=cfg.num_frames, sampling_rate=args.sampling_rate,
         audio_frames=cfg.audio_frames, num_mel_bins=cfg.mel_bins, seed=args.seed, scale=tuple(args.crop_scale),
         rand_ops=args.rand_ops, rand_magnitude=args.rand_magnitude, erase_prob=args.erase_prob,
-        roll_gain=args.roll_gain, freqm=args.freqm, timem=args.timem)
+        roll_gain=args.roll_gain, freqm=args.freqm, timem=args.timem, modality=args.modality)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +242,8 @@ class Tester:
 
     def __init__(self, args, env, raw_model, samples, log):
         self.args, self.env, self.model, self.samples, self.log = args, env, raw_model, samples, log
-        dataset = test_set(samples, raw_model.cfg, args.sampling_rate, args.num_clips, args.num_crops, args.test_views)
+        dataset = test_set(samples, raw_model.cfg, args.sampling_rate, args.num_clips, args.num_crops, args.test_views,
+                           args.modality)
         self.loader = make_loader(dataset, args, env, train=False)
         self.out = Path(args.output_dir)
         self.key = SELECTION_KEY[args.task]
