@@ -45,6 +45,8 @@ FBANK_MEAN = -4.2677393  # AudioSet statistics of the log-Mel features, as the a
 FBANK_STD = 4.5689974
 SAMPLE_RATE = 16000
 MIN_AUDIO_SAMPLES = 1024  # a window of this many samples (64 ms) or fewer is unusable
+AUDIO_ONLY_FPS = 25  # the frame rate given to audio without video (data sets' videos are 25 or 30 fps)
+AUDIO_HINT = "name its audio file: a manifest row's <audio> field, or evaluate.py --audio FILE"
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 TASKS = ("pretrain", "classification", "regression")
 MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
@@ -77,7 +79,7 @@ class Sample:
     video: str  # a video file or a folder of frames
     audio: str | None  # an audio file, or None: the audio stream of the video file
     target: int | list[float] | None  # class index, regression targets, or None (pre-training)
-    row: str  # where the sample comes from, "train.csv:12"
+    row: str | None  # where the sample comes from, "train.csv:12" (None: a file named on the command line)
 
 
 def parse_root_map(pairs):
@@ -89,6 +91,15 @@ def parse_root_map(pairs):
             raise ValueError(f"a root map is OLD=NEW, got {pair!r}")
         root_map.append((old, new))
     return root_map
+
+
+def root_map_arg(pair):
+    """The argparse type of --root_map: an OLD=NEW pair, else a usage error."""
+    try:
+        parse_root_map([pair])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return pair
 
 
 def _resolve(path, root_map, base):
@@ -177,6 +188,19 @@ def guess_task(path):
 # ----------------------------------------------------------------------------------------------
 # 2. Decoding
 
+def _open(path):
+    """av.open, telling apart the two usual files in which FFmpeg finds no media at all."""
+    try:
+        return av.open(path)
+    except av.InvalidDataError:
+        with open(path, "rb") as f:
+            head = f.read(12)
+        if head[4:8] == b"ftyp":  # an MP4/MOV whose index (moov box) would have come at the end
+            raise DataError(f"{path}: an MP4/MOV file without its index (moov box): cut short while being "
+                            "written or copied; copy it again") from None
+        raise DataError(f"{path}: not a media file FFmpeg can read ({os.path.getsize(path)} bytes)") from None
+
+
 class VideoFile:
     """A video file read through PyAV; any container and codec FFmpeg reads.
 
@@ -187,7 +211,7 @@ class VideoFile:
 
     def __init__(self, path):
         self.path = path
-        with _reading(path, "video"), av.open(path) as container:
+        with _reading(path, "video"), _open(path) as container:
             if not container.streams.video:
                 raise DataError(f"{path}: no video stream")
             stream = container.streams.video[0]
@@ -298,9 +322,9 @@ def read_audio(path):
     mono (mean of the channels), 16 kHz."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with _reading(path, "audio"), av.open(path) as container:
+    with _reading(path, "audio"), _open(path) as container:
         if not container.streams.audio:
-            raise DataError(f"{path}: no audio stream")
+            raise DataError(f"{path}: no audio stream ({AUDIO_HINT})")
         stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
         chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
@@ -358,21 +382,58 @@ def audio_window(video, waveform, first, last, audio_frames, path):
                     f"{waveform.shape[1] / SAMPLE_RATE:.2f} s of audio; is the audio shorter than the video?")
 
 
-def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1):
+class AudioTimeline:
+    """The frames of an audio-only sample: AUDIO_ONLY_FPS black frames per second of its audio, so that
+    its clips and their audio windows follow the rules of a video's."""
+
+    def __init__(self, num_samples):
+        self.num_frames = max(1, num_samples * AUDIO_ONLY_FPS // SAMPLE_RATE)
+
+    def __len__(self):
+        return self.num_frames
+
+    def audio_span(self, first, last, num_samples):
+        return (min(first * SAMPLE_RATE // AUDIO_ONLY_FPS, num_samples),
+                min(last * SAMPLE_RATE // AUDIO_ONLY_FPS, num_samples))
+
+    def read(self, indices):
+        return torch.zeros(len(indices), 3, 1, 1, dtype=torch.uint8)
+
+
+def _has_video(path):
+    """Whether path is a frame folder or a file holding a video stream."""
+    if path is None or os.path.isdir(path):
+        return path is not None
+    with _reading(path, "video"), _open(path) as container:
+        return bool(container.streams.video)
+
+
+def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1,
+               modality="av"):
     """Decode clips of a sample: a list of (frames uint8 (T, 3, H, W), waveform (1, n) 16 kHz).
 
     Training (a `generator`): one clip at a random start; its audio runs from the clip's first frame
     to frames x stride frames later, capped at the last frame. Test (`generator` None): the authors'
     `num_clips` clips (test_clips); the audio runs from the first frame to one stride after the last,
-    capped at the last frame, as theirs. Raises DataError naming the row, the path and the reason.
+    capped at the last frame, as theirs. A model of one modality needs only that one: for "video" the
+    audio is not read (the waveform is silence); for "audio" without a video stream (sample.video None,
+    or a file holding only audio) the frames are black and placed by AudioTimeline.
+    Raises DataError naming the row (if any), the path and the reason.
     """
     span = num_frames * sampling_rate
     try:
-        video = open_video(sample.video)
-        if sample.audio is None and isinstance(video, FrameFolder):
-            raise DataError(f"{sample.video}: a frame folder needs an audio file in the manifest")
         audio_path = sample.audio or sample.video
-        waveform = read_audio(audio_path)
+        if modality == "audio" and not _has_video(sample.video):
+            waveform = read_audio(audio_path)
+            video = AudioTimeline(waveform.shape[1])
+        else:
+            video = open_video(sample.video)
+            if modality == "video":
+                waveform = torch.zeros(1, audio_frames * SAMPLE_RATE // 100)
+            elif sample.audio is None and isinstance(video, FrameFolder):
+                raise DataError(f"{sample.video}: a frame folder has no audio ({AUDIO_HINT})")
+            else:
+                waveform = read_audio(audio_path)
         if waveform.shape[1] <= MIN_AUDIO_SAMPLES:
             raise DataError(f"{audio_path}: only {waveform.shape[1]} audio samples")
         last_frame = len(video) - 1
@@ -382,10 +443,10 @@ def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generat
         else:
             windows = [(indices, min(indices[-1] + sampling_rate, last_frame))
                        for indices in test_clips(len(video), num_frames, sampling_rate, num_clips)]
-        clips = [(video.read(indices), audio_window(video, waveform, indices[0], last, audio_frames, audio_path))
-                 for indices, last in windows]
+        clips = [(video.read(indices), waveform if modality == "video" else
+                  audio_window(video, waveform, indices[0], last, audio_frames, audio_path)) for indices, last in windows]
     except DataError as e:
-        raise DataError(f"{sample.row}: {e}") from None
+        raise DataError(f"{sample.row}: {e}" if sample.row else str(e)) from None
     return clips
 
 
@@ -533,7 +594,7 @@ class _ClipDataset(torch.utils.data.Dataset):
         self.img_size, self.num_frames, self.sampling_rate = img_size, num_frames, sampling_rate
         self.audio_frames, self.num_mel_bins = audio_frames, num_mel_bins
         self.seed, self.strict, self.max_retries = seed, strict, max_retries
-        self.epoch = 0
+        self.epoch, self.modality = 0, "av"
 
     def __len__(self):
         return len(self.samples)
@@ -553,7 +614,7 @@ class _ClipDataset(torch.utils.data.Dataset):
             sample = self.samples[index]
             try:
                 (frames, waveform), = load_clips(sample, self.num_frames, self.sampling_rate,
-                                                 self.audio_frames, generator)
+                                                 self.audio_frames, generator, modality=self.modality)
                 return sample, frames, waveform, bad
             except DataError as e:
                 if self.strict:
@@ -604,12 +665,13 @@ class FinetuneDataset(_ClipDataset):
     (test_clips) x num_crops crops (test_views, by `test_views`), stacked as V = num_clips * num_crops
     views (clip-major; the crops of a clip share its audio); no audio gain at test time (the authors'
     code draws a random one there). A test row that fails raises DataError; test rows may be unlabelled.
+    modality "audio" or "video": only that stream is read (load_clips); the other is black or silent.
     """
 
     def __init__(self, samples, *, train, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
                  num_mel_bins=128, num_clips=2, num_crops=2, seed=0, strict=False, max_retries=10,
                  scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25, roll_gain=True,
-                 freqm=0, timem=0, test_views="authors"):
+                 freqm=0, timem=0, test_views="authors", modality="av"):
         super().__init__(samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
                          seed, strict, max_retries)
         unlabelled = next((s.row for s in self.samples if s.target is None), None)
@@ -620,6 +682,7 @@ class FinetuneDataset(_ClipDataset):
         self.train, self.num_clips, self.num_crops, self.test_views = train, num_clips, num_crops, test_views
         self.transform = finetune_train_transform(img_size, scale, rand_ops, rand_magnitude, erase_prob)
         self.roll_gain, self.freqm, self.timem = roll_gain, freqm, timem
+        self.modality = modality  # "audio" or "video": the other stream is not read (load_clips)
 
     def __getitem__(self, index):
         if not self.train:
@@ -638,7 +701,7 @@ class FinetuneDataset(_ClipDataset):
         sample = self.samples[index]
         videos, audios = [], []
         for frames, waveform in load_clips(sample, self.num_frames, self.sampling_rate,
-                                           self.audio_frames, num_clips=self.num_clips):
+                                           self.audio_frames, num_clips=self.num_clips, modality=self.modality):
             audio = self._features(waveform)[None]
             for crop in test_views(frames, self.img_size, self.num_crops, self.test_views):
                 videos.append(normalize(crop).permute(1, 0, 2, 3))
@@ -841,8 +904,8 @@ def _dataset_for(samples, task, **kwargs):
 
 
 class _RowCheck(torch.utils.data.Dataset):
-    """Items of a strict data set, turned into None (decoded) or the error message, so that the
-    loader goes on past a bad row."""
+    """Items of a strict data set, turned into (failed, message): the error, or a warning for a video
+    shorter than the clip span (its frames repeat), so that the loader goes on past a bad row."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -853,30 +916,37 @@ class _RowCheck(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:
             self.dataset[index]
-            return None
         except DataError as e:
-            return str(e)
+            return True, str(e)
+        sample, d = self.dataset.samples[index], self.dataset
+        frames, span = len(open_video(sample.video)), d.num_frames * d.sampling_rate
+        if frames < span:
+            return False, (f"warning: {sample.row}: {sample.video}: {frames} frames, shorter than the clip span of "
+                           f"{span} ({d.num_frames} frames {d.sampling_rate} apart): frames repeat")
+        return False, None
 
 
 def _as_list(batch):
     return batch
 
 
-def check(manifest, root_map=(), workers=0, task=None):
-    """Decode every row as training does; print one line per failing row, then `N ok, M failed`.
-    Returns the number of failed rows."""
+def check(manifest, root_map=(), workers=0, task=None, num_frames=16, sampling_rate=4):
+    """Decode every row as training does; print one line per failing row and a warning per video
+    shorter than the clip span (num_frames x sampling_rate), then `N ok, M failed`. Returns the number
+    of failed rows."""
     task = task or guess_task(manifest)
     errors = []
     samples = read_manifest(manifest, root_map, task, errors=errors)
     for e in errors:
         print(e, flush=True)
-    loader = torch.utils.data.DataLoader(_RowCheck(_dataset_for(samples, task, strict=True)),
+    dataset = _dataset_for(samples, task, strict=True, num_frames=num_frames, sampling_rate=sampling_rate)
+    loader = torch.utils.data.DataLoader(_RowCheck(dataset),
                                          batch_size=1, num_workers=workers, collate_fn=_as_list)
     failed = len(errors)
-    for (error,) in loader:
-        if error is not None:
-            print(error, flush=True)
-            failed += 1
+    for ((bad, message),) in loader:
+        if message is not None:
+            print(message, flush=True)
+        failed += bad
     print(f"{len(samples) + len(errors) - failed} ok, {failed} failed")
     return failed
 
@@ -922,9 +992,12 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("check", help="decode every row as training does and list the failing ones")
     p.add_argument("manifest")
-    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", help="rewrite a path prefix (repeatable)")
+    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=root_map_arg,
+                   help="replace the path prefix OLD by NEW (repeatable)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--task", choices=TASKS, help="default: from the first row")
+    p.add_argument("--num_frames", type=int, default=16, help="frames of a clip, as the model's (default 16)")
+    p.add_argument("--sampling_rate", type=int, default=4, help="frame stride of a clip (default 4)")
     p = commands.add_parser("demo", help="write the built-in demo data set")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
@@ -934,7 +1007,7 @@ def main(argv=None):
     p.add_argument("--audio_root", help="a parallel tree of .m4a/.wav files with the same relative names")
     p = commands.add_parser("bench", help="print the loader's clips per second")
     p.add_argument("manifest")
-    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW")
+    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=root_map_arg)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--num_batches", type=int, default=20)
@@ -942,7 +1015,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "check":
-        return 1 if check(args.manifest, parse_root_map(args.root_map), args.workers, args.task) else 0
+        return 1 if check(args.manifest, parse_root_map(args.root_map), args.workers, args.task, args.num_frames,
+                          args.sampling_rate) else 0
     if args.command == "demo":
         start = time.perf_counter()
         train, test = write_demo(args.out_dir, args.seed)

@@ -18,9 +18,11 @@ Command line:
       and the scores averaged; print the metrics, write predictions.csv and confusion.png to
       --output_dir (default: eval-<checkpoint name>/ beside the checkpoint)
   python evaluate.py --predictions FILE.csv [--output_dir D]
-      recompute and print every metric from a predictions file (and write D/confusion.png)
+      recompute and print every metric from a predictions file (and draw D/confusion.png, by default
+      FILE-confusion.png beside the file)
   python evaluate.py --checkpoint C --video FILE.mp4 [--audio FILE.wav] [--class_names ...]
-      the class probabilities (or regression values) of one video (face crops, as in the data sets)
+      the class probabilities (or regression values) of one video (face crops, as in the data sets:
+      nothing is cropped); a video model reads no audio, an audio model takes --audio FILE alone
   add --features OUT.npy to either checkpoint form to save the features the head sees, one row per video
   python evaluate.py --probe --checkpoint C [--data_path TRAIN --test_path TEST] [--json OUT.json]
       frozen-feature evaluation of any checkpoint (pre-training or fine-tuning) against random
@@ -49,7 +51,7 @@ from torchvision.io import write_png
 import data
 from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, HiCMAEConfig, authors_config, convert_official,
                    load_checkpoint, load_weights, model_state, reconstruction_targets)
-from pretrain import autocast, demo_manifests, pretrain_dataset, setup
+from pretrain import HelpFormatter, autocast, default_workers, demo_manifests, pretrain_dataset, setup
 
 # ----------------------------------------------------------------------------------------------
 # 1. Metrics
@@ -313,11 +315,12 @@ def _rotated_text(image, text, font, box, centred=False):
     image.paste("black", box, mask.rotate(90, expand=True))
 
 
-def save_confusion_png(confusion, path, class_names=None):
+def save_confusion_png(confusion, path, class_names=None, title=None):
     """A PNG of the confusion matrix: rows (true classes) normalised to shares, drawn as a heat map.
 
-    Each cell shows its row share in percent and its count; class names longer than the room are
-    cut short. The image is square, of side TITLE_PX + LABEL_PX + K * CELL_PX + MARGIN_PX.
+    Each cell shows its row share in percent and its count; class names longer than LABEL_PX are cut
+    short. The matrix part is square, of side TITLE_PX + the room of the longest name (at most LABEL_PX)
+    + K * CELL_PX + MARGIN_PX; a title (e.g. the checkpoint) adds a band of TITLE_PX above it.
     """
     counts = torch.as_tensor(confusion, dtype=torch.float64)
     k = len(counts)
@@ -326,11 +329,12 @@ def save_confusion_png(confusion, path, class_names=None):
     support = counts.sum(1, keepdim=True)
     shares = counts / support.clamp(min=1)  # a class without samples stays white and shows "–"
     names = _names(class_names, k)
-    origin = TITLE_PX + LABEL_PX  # the matrix's top-left corner, in x and in y
-    side = origin + k * CELL_PX + MARGIN_PX
-    image = Image.new("RGB", (side, side), "white")
-    draw = ImageDraw.Draw(image)
     font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
+    label_px = min(LABEL_PX, 12 + math.ceil(max(font.getlength(name) for name in names)))
+    origin = TITLE_PX + label_px  # the matrix's top-left corner, in x and in y
+    side = origin + k * CELL_PX + MARGIN_PX
+    matrix = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(matrix)
 
     for i in range(k):
         for j in range(k):
@@ -345,12 +349,18 @@ def save_confusion_png(confusion, path, class_names=None):
             draw.text((centre, y + CELL_PX // 2 + 11), f"{int(counts[i, j])}", font=small, fill=ink, anchor="mm")
 
     for c, name in enumerate(names):
-        name = _fit(name, font, LABEL_PX - 12)
+        name = _fit(name, font, label_px - 12)
         middle = origin + c * CELL_PX + CELL_PX // 2
         draw.text((origin - 6, middle), name, font=font, fill="black", anchor="rm")
-        _rotated_text(image, name, font, (middle - CELL_PX // 2, TITLE_PX, middle + CELL_PX // 2, origin - 6))
+        _rotated_text(matrix, name, font, (middle - CELL_PX // 2, TITLE_PX, middle + CELL_PX // 2, origin - 6))
     draw.text((origin + k * CELL_PX // 2, TITLE_PX // 2), "predicted", font=font, fill="black", anchor="mm")
-    _rotated_text(image, "true", font, (0, origin, TITLE_PX, origin + k * CELL_PX), centred=True)
+    _rotated_text(matrix, "true", font, (0, origin, TITLE_PX, origin + k * CELL_PX), centred=True)
+    image = matrix
+    if title:
+        image = Image.new("RGB", (side, side + TITLE_PX), "white")
+        image.paste(matrix, (0, TITLE_PX))
+        ImageDraw.Draw(image).text((side // 2, TITLE_PX // 2), _fit(title, font, side - 8), font=font, fill="black",
+                                   anchor="mm")
     write_png(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), path)
 
 
@@ -367,13 +377,13 @@ def compute_metrics(scores, targets, task, names=None):
     return regression_metrics(scores, targets, names)
 
 
-def test_set(samples, cfg, sampling_rate, num_clips, num_crops, views="authors"):
+def test_set(samples, cfg, sampling_rate, num_clips, num_crops, views="authors", modality="av"):
     """The test items of samples: the authors' num_clips clips x num_crops crops = V views each
-    (views: data.test_views, "authors" or "short_side")."""
+    (views: data.test_views, "authors" or "short_side"); a one-modality model's reads only its stream."""
     return data.FinetuneDataset(samples, train=False, img_size=cfg.img_size, num_frames=cfg.num_frames,
                                 sampling_rate=sampling_rate, audio_frames=cfg.audio_frames,
                                 num_mel_bins=cfg.mel_bins, num_clips=num_clips, num_crops=num_crops,
-                                test_views=views)
+                                test_views=views, modality=modality)
 
 
 @torch.no_grad()
@@ -621,30 +631,44 @@ def reconstruction_vs_constant(pretrain_model, samples, cfg, sampling_rate, batc
 # ----------------------------------------------------------------------------------------------
 # 6. Command line
 
-def report(scores, targets, task, names=None, output_dir=None):
-    """Print every metric; for classification with output_dir, also write confusion.png there."""
+def saved(path, write, what):
+    """write(path), then print where it went, saying so when it replaced an earlier file."""
+    verb = "replaced" if os.path.exists(path) else "wrote"
+    write(path)
+    print(f"{verb} {path}: {what}")
+
+
+def report(scores, targets, task, names=None, png=None, title=None):
+    """Print every metric; for classification with png, also draw the confusion matrix (titled) there."""
     metrics = compute_metrics(scores, targets, task, names)
     if task == "regression":
         print(format_metrics(metrics))
         return metrics
     print(format_metrics(metrics, names))
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        save_confusion_png(metrics["confusion"], os.path.join(output_dir, "confusion.png"), names)
+    if png:
+        os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+        saved(png, lambda p: save_confusion_png(metrics["confusion"], p, names, title), "the confusion matrix")
     return metrics
 
 
 def report_predictions(path, output_dir=None):
-    """Print every metric of a predictions file; with output_dir, also write confusion.png there."""
+    """Print every metric of a predictions file and draw its confusion matrix: output_dir/confusion.png,
+    or without output_dir, <file name>-confusion.png beside the file."""
     _, targets, scores, task, names = read_predictions(path)
     print(f"{path}: {len(targets)} videos, {task}")
-    return report(scores, targets, task, names, output_dir)
+    png = os.path.join(output_dir, "confusion.png") if output_dir else f"{os.path.splitext(path)[0]}-confusion.png"
+    return report(scores, targets, task, names, png, title=str(path))
+
+
+def save_features(path, features):
+    saved(path, lambda p: np.save(p, features.numpy()), f"features {tuple(features.shape)}, one row per video")
 
 
 def test_checkpoint(args, model, run, env, names):
     """Multi-view test of a manifest: print the metrics, write predictions.csv (and confusion.png)."""
     samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), run["task"])
-    dataset = test_set(samples, model.cfg, run["sampling_rate"], args.num_clips, args.num_crops, args.test_views)
+    dataset = test_set(samples, model.cfg, run["sampling_rate"], args.num_clips, args.num_crops, args.test_views,
+                       run["modality"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     indices, scores, features = predict(model, loader, run["task"], env.device, lambda: autocast(args, env),
                                         features=bool(args.features))
@@ -652,26 +676,29 @@ def test_checkpoint(args, model, run, env, names):
     targets = torch.tensor([s.target for s in rows])
     output_dir = args.output_dir or Path(args.checkpoint).parent / f"eval-{Path(args.checkpoint).stem}"
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "predictions.csv")
-    write_predictions(path, [s.video for s in rows], targets, scores, run["task"], names)
-    print(f"{path}: {len(samples)} videos, {run['task']}, {args.num_clips} clips x {args.num_crops} crops")
+    saved(os.path.join(output_dir, "predictions.csv"),
+          lambda p: write_predictions(p, [s.video for s in rows], targets, scores, run["task"], names),
+          f"{len(samples)} videos, {run['task']}, {args.num_clips} clips x {args.num_crops} crops")
     if args.features:
-        np.save(args.features, features.numpy())
-        print(f"{args.features}: features {tuple(features.shape)}")
-    return report(scores, targets, run["task"], names, output_dir)
+        save_features(args.features, features)
+    return report(scores, targets, run["task"], names, os.path.join(output_dir, "confusion.png"), str(args.checkpoint))
 
 
 def classify_video(args, model, run, env, names):
-    """Print the top classes with their probabilities (or the regression values) of one recording."""
-    task = run["task"]
-    sample = data.Sample(args.video, args.audio, None, row=args.video)
-    dataset = test_set([sample], model.cfg, run["sampling_rate"], args.num_clips, args.num_crops, args.test_views)
+    """Print the top classes with their probabilities (or the regression values) of one recording:
+    --video (with --audio, or its own audio), or for an audio model --audio alone."""
+    task, modality = run["task"], run["modality"]
+    if not args.video and modality != "audio":
+        raise ValueError(f"an {'audio-visual' if modality == 'av' else 'video'} model needs --video FILE")
+    sample = data.Sample(args.video, args.audio, None, row=None)
+    dataset = test_set([sample], model.cfg, run["sampling_rate"], args.num_clips, args.num_crops, args.test_views,
+                       modality)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1)
     _, scores, features = predict(model, loader, task, env.device, lambda: autocast(args, env),
                                   features=bool(args.features))
     scores = scores[0]
     names = _names(names, len(scores))
-    print(f"{args.video}: {args.num_clips} clips x {args.num_crops} crops")
+    print(f"{args.video or args.audio}: {args.num_clips} clips x {args.num_crops} crops")
     if task == "classification":
         top = scores.argsort(descending=True)[:args.top_k].tolist()
         lines = _table([[names[c], f"{scores[c].item():.4f}"] for c in top])
@@ -679,8 +706,7 @@ def classify_video(args, model, run, env, names):
         lines = _table([[name, f"{value:.4f}"] for name, value in zip(names, scores.tolist())])
     print("\n".join("  " + line for line in lines))
     if args.features:
-        np.save(args.features, features.numpy())
-        print(f"{args.features}: features {tuple(features.shape)}")
+        save_features(args.features, features)
     return scores
 
 
@@ -778,7 +804,7 @@ def format_probe(results, task):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint of finetune.py (best.pth, last.pth) or an authors' "
                                              "fine-tuned one (checkpoint-best.pth)")
@@ -794,14 +820,17 @@ def build_parser():
     parser.add_argument("--subsets", type=int, default=5, help="with --probe: few-label subsets averaged")
     parser.add_argument("--random_seeds", type=int, default=3, help="with --probe: random initialisations compared")
     parser.add_argument("--knn_k", type=int, default=20, help="with --probe: neighbours of the k-NN probe")
-    parser.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW",
-                        help="rewrite a path prefix of the manifest (repeatable)")
-    parser.add_argument("--video", help="one video file or frame folder to classify")
-    parser.add_argument("--audio", help="its audio file (default: the video file's audio)")
+    parser.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=data.root_map_arg,
+                        help="replace the path prefix OLD of the manifest's paths by NEW (repeatable)")
+    parser.add_argument("--video", help="one video file or frame folder to classify (face crops: it does not crop)")
+    parser.add_argument("--audio", help="its audio file (default: the video file's audio; a video model reads none, "
+                                        "an audio model needs only this)")
     parser.add_argument("--class_names", nargs="+", help="names of the classes, in index order (default: the checkpoint's)")
     parser.add_argument("--top_k", type=int, default=5, help="classes printed for --video")
     parser.add_argument("--features", metavar="OUT.npy", help="save the features the head sees, one row per video")
-    parser.add_argument("--output_dir", help="where to write predictions.csv and confusion.png")
+    parser.add_argument("--output_dir", help="where to write predictions.csv and confusion.png (default: "
+                                             "eval-<checkpoint name>/ beside the checkpoint; with --predictions, "
+                                             "<file name>-confusion.png beside the file)")
     parser.add_argument("--num_clips", type=int, default=None, help="clips per video (default: the checkpoint's, 2)")
     parser.add_argument("--num_crops", type=int, default=None, help="crops per clip (default: the checkpoint's, 2)")
     parser.add_argument("--test_views", default=None, choices=data.TEST_VIEWS,
@@ -811,15 +840,22 @@ def build_parser():
                         help="attention heads of an authors' checkpoint (default: from its width, as their model "
                              "names: 256 -> 4, 384 -> 6, 512 -> 8)")
     parser.add_argument("--batch_size", type=int, default=8, help="videos per batch")
-    parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num_workers", type=int, default=default_workers(),
+                        help="loader processes (default: the cores, at most 8: %(default)s here)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="autocast type (default: the checkpoint's on GPU, fp32 on CPU)")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.checkpoint and not args.probe:
+        if args.data_path and (args.video or args.audio):
+            parser.error("--data_path TEST tests a manifest, --video/--audio one recording: give one of them")
+        if not (args.data_path or args.video or args.audio):
+            parser.error("--checkpoint needs --data_path TEST or --video FILE (an audio model: --audio FILE)")
     try:
         if args.predictions:
             report_predictions(args.predictions, args.output_dir)
@@ -828,8 +864,6 @@ def main(argv=None):
             args.num_clips, args.num_crops, args.dtype = args.num_clips or 2, args.num_crops or 2, args.dtype or "fp32"
             probe_checkpoint(args)
             return 0
-        if bool(args.data_path) == bool(args.video):
-            raise ValueError("--checkpoint needs either --data_path TEST or --video FILE")
         env = setup(args)
         model, run = load_finetuned(args.checkpoint, env.device, heads=args.heads)
         if env.device.type == "cuda":  # on CPU only an explicit --dtype (CPU runs used to record bf16 and run fp32)
@@ -838,7 +872,7 @@ def main(argv=None):
         args.num_crops = args.num_crops or run.get("num_crops", 2)
         args.test_views = args.test_views or run.get("test_views", "authors")
         names = args.class_names or run.get("class_names")
-        if args.video:
+        if args.video or args.audio:
             classify_video(args, model, run, env, names)
         else:
             test_checkpoint(args, model, run, env, names)

@@ -30,22 +30,25 @@ from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEY
                       few_label_subsets, format_metrics, predict, test_set, write_predictions)
 from model import HiCMAEClassifier, HiCMAEConfig, authors_config, configure_optimizer, load_checkpoint, model_state
 from pretrain import DEMO as PRETRAIN_DEMO
-from pretrain import (DEMO_MODEL, Logger, add_model_args, add_training_args, autocast, demo_manifests, make_loader,
-                      model_config, parse_args, save_checkpoint, setup, train)
+from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
+                      demo_manifests, make_loader, model_config, parse_args, resume_path, save_checkpoint, setup, train)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Arguments: the authors' recipe as defaults (SPEC section 5)
 
+PRETRAIN_ONLY = ("decoder_dim", "decoder_heads", "decoder_depth", "skip_connections", "video_mask_ratio",
+                 "audio_mask_ratio", "temperature", "hcmcl_weight", "normalize_target", "frame_diff_target")
+
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    parser.set_defaults(drop_path=0.1)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=DEMO_EPILOG)
+    add_model_args(parser, unused=PRETRAIN_ONLY, drop_path=0.1)
     add_training_args(parser, batch_size=14, epochs=100, base_lr=1e-3, min_lr=1e-6, betas=[0.9, 0.999],
                       output_dir="runs/finetune")
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--test_path", default=None, help="test manifest, tested after every epoch")
-    g.add_argument("--modality", default="av", choices=["av", "audio", "video"])
+    g.add_argument("--modality", default="av", choices=["av", "audio", "video"],
+                   help="the streams the model sees (audio or video: a recording without the other stream will do)")
     g.add_argument("--task", default=None, choices=["classification", "regression"],
                    help="default: guessed from the manifest (one integer label: classification)")
     g.add_argument("--num_outputs", type=int, default=None,
@@ -124,7 +127,7 @@ def train_set(samples, args, cfg):
         samples, train=True, img_size=cfg.img_size, num_frames=cfg.num_frames, sampling_rate=args.sampling_rate,
         audio_frames=cfg.audio_frames, num_mel_bins=cfg.mel_bins, seed=args.seed, scale=tuple(args.crop_scale),
         rand_ops=args.rand_ops, rand_magnitude=args.rand_magnitude, erase_prob=args.erase_prob,
-        roll_gain=args.roll_gain, freqm=args.freqm, timem=args.timem)
+        roll_gain=args.roll_gain, freqm=args.freqm, timem=args.timem, modality=args.modality)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,11 +223,16 @@ def finetuning_loss_fn(args):
 # ----------------------------------------------------------------------------------------------
 # 6. Testing after each epoch, the best checkpoint, predictions files
 
+def metric_text(value, task):
+    """A metric as printed: classification in percent, regression with 4 decimals."""
+    return f"{100 * value:.2f}%" if task == "classification" else f"{value:.4f}"
+
+
 def summary(metrics, task):
     """The scalar metrics in one line."""
     if task == "classification":
-        return " ".join(f"{CLASSIFICATION_LABELS[k]} {100 * metrics[k]:.2f}%" for k in CLASSIFICATION_KEYS)
-    return " ".join(f"{k.upper()} {metrics[k]:.4f}" for k in REGRESSION_KEYS)
+        return " ".join(f"{CLASSIFICATION_LABELS[k]} {metric_text(metrics[k], task)}" for k in CLASSIFICATION_KEYS)
+    return " ".join(f"{k.upper()} {metric_text(metrics[k], task)}" for k in REGRESSION_KEYS)
 
 
 class Tester:
@@ -234,14 +242,15 @@ class Tester:
 
     def __init__(self, args, env, raw_model, samples, log):
         self.args, self.env, self.model, self.samples, self.log = args, env, raw_model, samples, log
-        dataset = test_set(samples, raw_model.cfg, args.sampling_rate, args.num_clips, args.num_crops, args.test_views)
+        dataset = test_set(samples, raw_model.cfg, args.sampling_rate, args.num_clips, args.num_crops, args.test_views,
+                           args.modality)
         self.loader = make_loader(dataset, args, env, train=False)
         self.out = Path(args.output_dir)
         self.key = SELECTION_KEY[args.task]
         self.best, self.best_epoch = -math.inf, None
         self.tested, self.last = False, None  # tested: on every rank; last: the metrics, on rank 0
         best_path = self.out / "best.pth"
-        if best_path.exists() and Path(args.resume or self.out / "last.pth").exists():  # train() resumes
+        if best_path.exists() and resume_path(args) is not None:  # train() resumes
             best = load_checkpoint(best_path)
             self.best, self.best_epoch = best["score"], best["epoch"]
 
@@ -264,7 +273,8 @@ class Tester:
                 model=self.model.state_dict(), args=vars(args), model_config=asdict(self.model.cfg),
                 epoch=epoch, score=score, metrics={k: metrics[k] for k in self.scalar_keys()}))
             shutil.copyfile(self.out / "predictions-last.csv", self.out / "predictions-best.csv")
-        best = f"best {self.key.upper()} {self.best:.4f} (epoch {self.best_epoch})" if self.best_epoch is not None else ""
+        best = (f"best {self.key.upper()} {metric_text(self.best, args.task)} (epoch {self.best_epoch})"
+                if self.best_epoch is not None else "")
         self.log.record(dict(epoch=epoch, **{f"test_{k}": metrics[k] for k in self.scalar_keys()},
                              best_epoch=self.best_epoch),
                         f"epoch {epoch} test | {summary(metrics, args.task)} | {best}")
@@ -329,7 +339,7 @@ def main(argv=None):
             f"{len(test_samples)} videos):\n{format_metrics(tester.last, args.class_names)}")
         if tester.best_epoch is not None:
             log(f"best epoch {tester.best_epoch} by {tester.key.upper()} on the test split (as the authors "
-                f"select): {tester.best:.4f}, in {args.output_dir}/best.pth")
+                f"select): {metric_text(tester.best, args.task)}, in {args.output_dir}/best.pth")
         log(f"done in {time.time() - t0:.0f} s: checkpoints and predictions in {args.output_dir}/")
     if env.ddp:
         del model  # free DDP before its process group: freed after it, a rank sometimes hung at exit (gloo)

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 
 import data
-from model import (IMAGENET_MEAN, IMAGENET_STD, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer, count_macs,
+from model import (IMAGENET_MEAN, IMAGENET_STD, SIZES, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer, count_macs,
                    load_checkpoint, load_weights, make_config, model_state, patchify_audio, patchify_video,
                    pretrain_loss, unpatchify_audio, unpatchify_video)
 
@@ -36,19 +36,37 @@ from model import (IMAGENET_MEAN, IMAGENET_STD, HiCMAE, HiCMAEConfig, check_mask
 # ----------------------------------------------------------------------------------------------
 # 1. Arguments (shared with finetune.py)
 
-def add_model_args(parser):
-    """One flag per field of HiCMAEConfig; unset flags take the --size preset, then the paper's value."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default, where its help text does not say it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+DEMO_EPILOG = "Without --data_path the demo recipe replaces these defaults (explicit flags still win)."
+
+
+def add_model_args(parser, unused=(), **defaults):
+    """One flag per field of HiCMAEConfig; unset flags take the --size preset, then the paper's value.
+    defaults: the stage's own values of fields; unused: fields that do nothing in this stage."""
     group = parser.add_argument_group("model (defaults: the --size preset, then the paper's values)")
-    group.add_argument("--size", default="base", choices=["tiny", "small", "base"], help="HiCMAE-T/S/B")
+    group.add_argument("--size", default="base", choices=["tiny", "small", "base"], help="HiCMAE-T/S/B (default base)")
     for f in fields(HiCMAEConfig):
-        if f.type is bool or isinstance(f.default, bool):
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                               help=f"default {f.default}")
+        value = defaults.get(f.name, f.default)
+        if f.name in SIZES["base"]:
+            text = "default by --size: " + ", ".join(f"{size} {preset[f.name]}" for size, preset in SIZES.items())
         elif f.name == "inter_layers":
-            group.add_argument("--inter_layers", type=int, nargs="+", default=None,
-                               help=f"selected encoder layers, 0-based (default {' '.join(map(str, f.default))})")
+            text = f"selected encoder layers, 0-based (default {' '.join(map(str, value))})"
         else:
-            group.add_argument(f"--{f.name}", type=type(f.default), default=None, help=f"default {f.default}")
+            text = f"default {value}"
+        if f.name in unused:
+            text = f"pre-training only: no effect here ({text})"
+        kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else
+                dict(type=int, nargs="+") if f.name == "inter_layers" else dict(type=type(f.default)))
+        group.add_argument(f"--{f.name}", default=defaults.get(f.name), help=text, **kind)
 
 
 def model_config(args):
@@ -60,43 +78,47 @@ def add_training_args(parser, **defaults):
     """Data, optimisation, precision, checkpoint and logging flags; `defaults` holds the stage's recipe."""
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="manifest in the authors' format (none: the demo data set)")
-    g.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", help="rewrite a path prefix")
+    g.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=data.root_map_arg,
+                   help="replace the path prefix OLD of the manifest's paths by NEW (repeatable)")
     g.add_argument("--sampling_rate", type=int, default=4, help="frame stride of a clip")
-    g.add_argument("--num_workers", type=int, default=8)
+    g.add_argument("--num_workers", type=int, default=default_workers(),
+                   help="loader processes per GPU (default: the cores per process, at most 8: %(default)s here)")
     g.add_argument("--max_bad_fraction", type=float, default=0.01,
                    help="stop once more than this share of the samples seen could not be decoded")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=defaults["batch_size"], help="clips per GPU per micro-step")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-steps per optimiser step")
-    g.add_argument("--epochs", type=int, default=defaults["epochs"])
-    g.add_argument("--warmup_epochs", type=float, default=5)
+    g.add_argument("--epochs", type=int, default=defaults["epochs"], help="epochs of the run")
+    g.add_argument("--warmup_epochs", type=float, default=5, help="linear warm-up of the learning rate, in epochs")
     g.add_argument("--base_lr", type=float, default=defaults["base_lr"], help="lr = base_lr * total batch / 256")
     g.add_argument("--min_lr", type=float, default=defaults["min_lr"], help="end of the cosine, scaled like lr")
     g.add_argument("--warmup_lr", type=float, default=1e-6, help="start of the warm-up, scaled like lr")
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--betas", type=float, nargs=2, default=defaults["betas"])
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
+    g.add_argument("--betas", type=float, nargs=2, default=defaults["betas"], help="AdamW betas")
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     g = parser.add_argument_group("run")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="autocast type (default: bf16 on cuda, fp32 on cpu; bf16 on cpu when asked; fp16 cuda only)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (and the pre-training loss), each one graph (fullgraph=True)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output_dir", default=defaults["output_dir"])
-    g.add_argument("--resume", default=None, help="checkpoint to resume (default: output_dir/last.pth if any)")
+    g.add_argument("--seed", type=int, default=0, help="initial weights, data order and augmentation")
+    g.add_argument("--output_dir", default=defaults["output_dir"], help="checkpoints and log.jsonl")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to resume (default: output_dir/last.pth if any; none: start afresh)")
     g.add_argument("--init", default=None, help="start from these weights only (ours or the authors')")
     g.add_argument("--save_every", type=int, default=10, help="keep a checkpoint every N epochs")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pth every N steps")
     g.add_argument("--stop_at_step", type=int, default=0,
                    help="save and stop after this many steps, the schedule unchanged (to split a run into jobs)")
-    g.add_argument("--log_every", type=int, default=20)
+    g.add_argument("--log_every", type=int, default=20, help="steps between log lines (and the last step of each epoch)")
 
 
 def parse_args(parser, argv, demo_defaults):
     """Parse; without --data_path the demo recipe replaces the defaults (explicit flags still win)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not any(a == "--data_path" or a.startswith("--data_path=") for a in argv) and "--benchmark" not in argv:
+    if not any(a == "--data_path" or a.startswith("--data_path=") for a in argv) and \
+            not {"--benchmark", "-h", "--help"} & set(argv):  # --help shows the recipe's defaults
         parser.set_defaults(**demo_defaults)
     return parser.parse_args(argv)
 
@@ -117,6 +139,16 @@ class Env:
         return self.rank == 0
 
 
+def cores_per_process():
+    """The cores this process may use (its CPU affinity) over the processes on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def default_workers():
+    return min(8, cores_per_process())
+
+
 def setup(args):
     """One process per GPU under torchrun (RANK set), else a single process."""
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -131,8 +163,7 @@ def setup(args):
             device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the cores left to this process after its loader workers: more threads than cores spin and crawl
-        per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, per_process - args.num_workers))
+        torch.set_num_threads(max(1, cores_per_process() - args.num_workers))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -217,18 +248,39 @@ class Progress:
     step: int = 0  # optimiser steps done in the whole run
 
 
+def resume_path(args):
+    """The checkpoint to resume: --resume, else output_dir/last.pth if present; None: start afresh
+    (--resume none, or nothing to resume)."""
+    if args.resume in ("none", ""):
+        return None
+    path = Path(args.resume or Path(args.output_dir) / "last.pth")
+    return path if args.resume or path.exists() else None
+
+
 def start_state(args, env, raw_model, optimizer, scaler, log):
-    """Resume (--resume, else output_dir/last.pth if present), or load --init weights, or start fresh."""
-    path = args.resume or (Path(args.output_dir) / "last.pth")
-    if args.resume or Path(path).exists():
+    """Resume (resume_path), or load --init weights, or start fresh."""
+    path = resume_path(args)
+    if path is not None:
         ckpt = load_checkpoint(path)
-        raw_model.load_state_dict(ckpt["model"])
+        try:
+            raw_model.load_state_dict(ckpt["model"])
+        except RuntimeError:  # another model, modality or number of outputs: say which, in one line
+            saved = dict(ckpt.get("args", {}), **ckpt.get("model_config", {}))
+            now = dict(vars(args), **asdict(raw_model.cfg))
+            keys = [*asdict(raw_model.cfg), "modality", "num_outputs"]
+            differ = ", ".join(f"{k} {saved.get(k)} there, {now.get(k)} here" for k in keys if saved.get(k) != now.get(k))
+            raise SystemExit(f"{path} holds a run of another configuration ({differ}): resume it with its own flags, "
+                             "or start afresh with --resume none or another --output_dir") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         restore_rng(ckpt["rng"], env)
         progress = Progress(**ckpt["progress"])
-        log(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}")
+        where = (f"epoch {progress.epoch} after {progress.batch} batches" if progress.batch else
+                 f"the start of epoch {progress.epoch}")
+        log(f"resumed from {path} at {where} (step {progress.step})")
         return progress
+    if args.resume in ("none", "") and (Path(args.output_dir) / "last.pth").exists():
+        log(f"--resume none: starting afresh; the checkpoints in {args.output_dir}/ will be replaced")
     if args.init:
         load_weights(raw_model, model_state(load_checkpoint(args.init)), log=log)
         log(f"initialised from {args.init}")
@@ -309,7 +361,14 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
     monitor = data.BadSampleMonitor(args.max_bad_fraction)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     samples_per_step = args.batch_size * args.accum_steps * env.world_size
-    log(f"{total_steps} steps of {samples_per_step} clips ({steps_per_epoch} per epoch), peak lr {lr:.3g}")
+    log(f"{total_steps} steps of {samples_per_step} clips ({steps_per_epoch} per epoch; epochs count from 0, as "
+        f"the checkpoint names), peak lr {lr:.3g} = --base_lr {args.base_lr:g} x {samples_per_step} / 256")
+    if warmup_steps >= total_steps:
+        log(f"note: the warm-up ({args.warmup_epochs:g} epochs, {warmup_steps} steps) is not shorter than the run "
+            f"({total_steps} steps): the learning rate never reaches its peak; lower --warmup_epochs")
+    if samples_per_step < 16:
+        log(f"note: a total batch of {samples_per_step} scales the peak learning rate down to {samples_per_step}/256 of "
+            "--base_lr; raise --base_lr (or the batch) to train at the recipe's rate")
     never = 2**62
     first_bad = torch.full((), never, dtype=torch.long, device=env.device)  # first step with a non-finite value
 
@@ -370,7 +429,7 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
             first_bad = torch.where(finite, first_bad, first_bad.clamp(max=progress.step + 1))
             progress.step, progress.batch, count, finite = progress.step + 1, micro + 1, count + 1, None
 
-            if progress.step % args.log_every == 0 or progress.step == total_steps:
+            if progress.step % args.log_every == 0 or micro + 1 == steps_per_epoch * args.accum_steps:
                 check_finite()
                 means = dict(zip(names, all_mean(sums / count, env).tolist()))
                 elapsed = time.time() - t_last
@@ -582,7 +641,7 @@ def demo_manifests(env):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=DEMO_EPILOG)
     add_model_args(parser)
     add_training_args(parser, batch_size=40, epochs=100, base_lr=3e-4, min_lr=1e-5, betas=[0.9, 0.95],
                       output_dir="runs/pretrain")
@@ -592,8 +651,8 @@ def build_parser():
     g.add_argument("--visualize_every", type=int, default=1, help="reconstruction figure every N epochs (0: never)")
     g.add_argument("--benchmark", action="store_true",
                    help="time training steps on random tensors (with --data_path: the loader's batches) and exit")
-    g.add_argument("--bench_steps", type=int, default=30)
-    g.add_argument("--bench_warmup", type=int, default=10)
+    g.add_argument("--bench_steps", type=int, default=30, help="timed steps of --benchmark")
+    g.add_argument("--bench_warmup", type=int, default=10, help="untimed steps before them")
     g.add_argument("--peak_tflops", type=float, default=989.0, help="for MFU (H100 SXM dense bf16: 989)")
     return parser
 
@@ -627,7 +686,9 @@ def main(argv=None):
     def on_epoch_end(epoch):
         if figure_batch is not None and (epoch + 1) % args.visualize_every == 0:
             batch = {k: v[None] if torch.is_tensor(v) else v for k, v in figure_batch.items()}
-            save_reconstruction(Path(args.output_dir) / f"reconstruction-{epoch:03d}.png", raw_model, batch, cfg)
+            path = Path(args.output_dir) / f"reconstruction-{epoch:03d}.png"
+            save_reconstruction(path, raw_model, batch, cfg)
+            log(f"wrote {path}")
 
     gather = args.gather_negatives and env.ddp
     train(args, env, model, raw_model, optimizer, scaler, loader, pretraining_loss_fn(cfg, gather, args.compile), log,

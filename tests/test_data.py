@@ -203,16 +203,16 @@ def _bad_samples(media):
     media.file("corrupt/000003.jpg", b"\xff\xd8 broken jpeg")
     return [
         (Sample(str(media.root / "gone.mp4"), None, 0, "m:1"), str(media.root / "gone.mp4"), "no such file"),
-        (Sample(cut, None, 0, "m:2"), cut, "cannot read video"),
+        (Sample(cut, None, 0, "m:2"), cut, "an MP4/MOV file without its index"),  # not the text file's reason
         (Sample(cut_fast, None, 0, "m:3"), cut_fast, r"truncated: \d+ of 100 video frames"),
-        (Sample(text, None, 0, "m:4"), text, "cannot read video"),
+        (Sample(text, None, 0, "m:4"), text, r"not a media file FFmpeg can read \(4000 bytes\)"),
         (Sample(str(media.root / "empty"), wav, 0, "m:5"), str(media.root / "empty"), "no jpg/png/bmp frames"),
         (Sample(corrupt, wav, 0, "m:6"), corrupt + "/000003.jpg", "cannot read image"),
-        (Sample(silent, None, 0, "m:7"), silent, "no audio stream"),
+        (Sample(silent, None, 0, "m:7"), silent, "no audio stream .*--audio"),
         (Sample(silent, str(media.root / "gone.wav"), 0, "m:8"), str(media.root / "gone.wav"), "no such file"),
-        (Sample(good, text, 0, "m:9"), text, "cannot read audio"),
+        (Sample(good, text, 0, "m:9"), text, "not a media file"),
         (Sample(good, cut_mp3, 0, "m:10"), cut_mp3, r"truncated: 1.\d\d s of audio decoded, 4.00 s declared"),
-        (Sample(corrupt, None, 0, "m:11"), corrupt, "needs an audio file"),
+        (Sample(corrupt, None, 0, "m:11"), corrupt, "a frame folder has no audio .*--audio"),
     ]
 
 
@@ -489,9 +489,50 @@ def test_scan_writes_a_pretraining_manifest(tmp_path, capsys):
 
 def test_demo_then_check_and_bench(tmp_path, capsys):
     train, test = data.write_demo(tmp_path / "demo", seed=0, num_train=4, num_test=4)
-    assert data.check(train) == 0 and data.check(test) == 0
+    assert data.check(train, num_frames=8) == 0 and data.check(test, num_frames=8) == 0  # the demo model's span
     assert capsys.readouterr().out.strip().splitlines() == ["4 ok, 0 failed"] * 2
     again, _ = data.write_demo(tmp_path / "again", seed=0, num_train=4, num_test=4)
     first = lambda manifest: Path(open(manifest).readline().split()[0]).read_bytes()
     assert first(train) == first(again)  # deterministic for a seed
     assert data.bench(train, batch_size=2, num_batches=1) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# One modality, short clips, usage errors
+
+def test_a_one_modality_sample_reads_only_its_stream(media):
+    silent = media.video("silent.mp4", 30)
+    faces = media.frames("faces", 30)
+    ramp = media.audio("ramp.wav", 16000, media.ramp(4.0, 16000, channels=1))  # a sample's value is its time / 4 s
+    for sample in (Sample(silent, None, 0, "m:1"), Sample(faces, None, 0, "m:2")):
+        (frames, _), = data.load_clips(sample, num_frames=4, sampling_rate=2, audio_frames=32, modality="video")
+        assert media.ids(frames) == [10, 12, 14, 16]  # test_clips(30, 4, 2, 1): entries 0, 2, ..., 28 from position 5
+    for sample in (Sample(None, ramp, 0, "m:3"), Sample(ramp, None, 0, "m:4")):
+        (frames, window), = data.load_clips(sample, num_frames=4, sampling_rate=2, audio_frames=32, modality="audio")
+        # 4 s at 25 frames per second: 100 frames; the clip is frames 46, 48, 50, 52 and its audio runs
+        # from frame 46 to 54, 1.84 s to 2.16 s
+        assert frames.shape[0] == 4 and window.shape == (1, 8 * 640)
+        assert window[0, 0].item() == pytest.approx(1.84 / 4, abs=1e-4)
+    with pytest.raises(DataError, match="no audio stream"):  # both streams for an audio-visual model, as before
+        data.load_clips(Sample(silent, None, 0, "m:5"), num_frames=4, sampling_rate=2, audio_frames=32)
+
+
+def test_check_warns_of_each_clip_shorter_than_the_span(media, capsys):
+    audio = ("aac", 16000, media.tone(2.0, 16000, amplitudes=(0.5,)))
+    media.video("short.mp4", 20, audio=audio)
+    media.video("long.mp4", 40, audio=audio)
+    manifest = media.file("m.csv", b"short.mp4 short.mp4 0\nlong.mp4 long.mp4 1\n")
+    assert data.main(["check", manifest, "--num_frames", "8"]) == 0  # a span of 32 frames; a warning is no failure
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "2 ok, 0 failed" and len(lines) == 2
+    assert lines[0].startswith(f"warning: {manifest}:1: {media.root / 'short.mp4'}: 20 frames, shorter than")
+    assert data.main(["check", manifest, "--num_frames", "4"]) == 0  # a span of 16 frames: no warning
+    assert capsys.readouterr().out.strip() == "2 ok, 0 failed"
+
+
+def test_a_malformed_root_map_is_a_usage_error(tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("a.mp4 a.mp4 0\n")
+    with pytest.raises(SystemExit) as exit_:
+        data.main(["check", str(manifest), "--root_map", "/no/equals/sign"])
+    assert exit_.value.code == 2 and "--root_map: a root map is OLD=NEW, got '/no/equals/sign'" in capsys.readouterr().err

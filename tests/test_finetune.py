@@ -2,18 +2,23 @@
 layer-decay groups, a short fine-tune, testing a checkpoint, predictions files, regression,
 single-video inference and features. A tiny model on a few demo clips, CPU only."""
 
+import argparse
 import csv
 import json
 import math
+import os
 import re
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+from torchvision.io import read_image
 
 import data
 import evaluate
 import finetune
+import pretrain
 
 TINY = ["--size", "tiny", "--img_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--audio_frames", "32",
         "--mel_bins", "32", "--dim", "32", "--heads", "2", "--depth", "2", "--inter_layers", "1",
@@ -295,3 +300,128 @@ def test_labels_per_class_keeps_that_many_clips_of_each_class(demo):
     other = finetune.build_parser().parse_args(TINY + ["--data_path", demo["train"], "--test_path", demo["test"],
                                                       "--labels_per_class", "2", "--seed", "1"])
     assert [s.row for s in finetune.read_data(other)[0]] != [s.row for s in train]  # the subset follows --seed
+
+
+# ----------------------------------------------------------------------------------------------
+# What a newcomer meets: one-modality inference, messages, --help, defaults, outputs, reruns
+
+def random_checkpoint(path, modality):
+    """A finetune.py checkpoint of the tiny model at random initialisation, 4 demo classes."""
+    args = args_for(*TINY, "--modality", modality)
+    args.class_names = list(data.DEMO_CLASSES)
+    model = finetune.build_model(args)
+    torch.save(dict(model=model.state_dict(), model_config=asdict(model.cfg), args=vars(args)), path)
+    return str(path)
+
+
+def probabilities(out):
+    return [float(line.split()[1]) for line in out.splitlines()[1:]]
+
+
+def test_one_modality_models_need_only_their_stream(media, tmp_path, capsys):
+    silent = media.video("silent.mp4", 30)
+    faces = media.frames("faces", 30)
+    wav = media.audio("voice.wav", 16000, media.tone(3.0, 16000, amplitudes=(0.5,)))
+    video, audio = random_checkpoint(tmp_path / "video.pth", "video"), random_checkpoint(tmp_path / "audio.pth", "audio")
+    found = []
+    for flags in (["--checkpoint", video, "--video", silent], ["--checkpoint", video, "--video", faces],
+                  ["--checkpoint", audio, "--audio", wav], ["--checkpoint", audio, "--video", wav]):
+        evaluate.main(flags + ["--device", "cpu"])
+        out = capsys.readouterr().out
+        assert out.startswith(f"{flags[-1]}: 2 clips x 2 crops"), out
+        found.append(probabilities(out))
+        assert len(found[-1]) == 4 and math.isclose(sum(found[-1]), 1.0, abs_tol=5e-4)
+    assert found[2] == found[3]  # the same recording, as --audio or as --video
+    args = args_for(*TINY, "--modality", "video", "--output_dir", str(tmp_path))  # fine-tuning on silent videos
+    rows = [data.Sample(silent, silent, 0, "m:1")]
+    assert finetune.train_set(rows, args, finetune.run_config(args))[0]["video"].shape == (3, 4, 32, 32)
+    tester = finetune.Tester(args, pretrain.Env(0, 0, 1, torch.device("cpu"), False), finetune.build_model(args), rows,
+                             print)
+    assert tester.loader.dataset[0]["video"].shape == (4, 3, 4, 32, 32)  # 2 clips x 2 crops
+
+
+def test_video_mode_errors_name_the_flag_and_the_path_once(media, tmp_path, capsys):
+    faces, silent = media.frames("faces", 30), media.video("silent.mp4", 30)
+    wav = media.audio("voice.wav", 16000, media.tone(3.0, 16000, amplitudes=(0.5,)))
+    av = random_checkpoint(tmp_path / "av.pth", "av")
+    for path, reason in ((faces, "a frame folder has no audio"), (silent, "no audio stream")):
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.main(["--checkpoint", av, "--video", path, "--device", "cpu"])
+        message = str(exit_.value)
+        assert message.startswith(f"evaluate.py: {path}: {reason}") and message.count(path) == 1, message
+        assert "--audio" in message
+    with pytest.raises(SystemExit, match="an audio-visual model needs --video FILE"):
+        evaluate.main(["--checkpoint", av, "--audio", wav, "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_:  # a usage error, naming both flags
+        evaluate.main(["--checkpoint", av, "--video", silent, "--data_path", "test.csv"])
+    assert exit_.value.code == 2 and "--data_path TEST tests a manifest, --video" in capsys.readouterr().err
+    for parse in (finetune.build_parser().parse_args, evaluate.build_parser().parse_args):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["--checkpoint", av, "--root_map", "/old/path"][2 if parse.__self__.prog != "evaluate.py" else 0:])
+        assert exit_.value.code == 2 and "a root map is OLD=NEW" in capsys.readouterr().err
+
+
+def test_help_shows_the_values_each_stage_uses(capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # the lines unwrapped
+    assert "--drop_path DROP_PATH default 0.1 " in text
+    assert "--video_mask_ratio VIDEO_MASK_RATIO pre-training only: no effect here (default 0.9)" in text
+    assert "--size {tiny,small,base} HiCMAE-T/S/B (default base)" in text
+    assert "--dim DIM default by --size: tiny 256, small 384, base 512" in text
+    for parser in (finetune.build_parser(), pretrain.build_parser(), evaluate.build_parser()):
+        for action in parser._actions:  # every flag with a default says it
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                formatter = parser._get_formatter()
+                formatter.add_argument(action)
+                assert "default" in formatter.format_help(), (parser.prog, action.dest)
+
+
+def test_loader_workers_default_to_the_cores_at_hand():
+    cores = len(os.sched_getaffinity(0))
+    assert finetune.build_parser().parse_args([]).num_workers == min(8, cores)
+    assert evaluate.build_parser().parse_args(["--predictions", "p.csv"]).num_workers == min(8, cores)
+
+
+def test_every_file_written_is_named_and_a_rerun_says_what_it_replaced(demo, tmp_path, capsys):
+    video = random_checkpoint(tmp_path / "video.pth", "video")
+    out = tmp_path / "eval-video"
+    command = ["--checkpoint", video, "--data_path", demo["test"], "--num_workers", "0", "--device", "cpu",
+               "--num_clips", "1", "--num_crops", "1"]
+    evaluate.main(command)
+    printed = capsys.readouterr().out
+    for name in ("predictions.csv", "confusion.png"):
+        assert f"wrote {out / name}: " in printed
+    evaluate.main(command + ["--features", str(tmp_path / "features.npy")])
+    printed = capsys.readouterr().out
+    for name in ("predictions.csv", "confusion.png"):
+        assert f"replaced {out / name}: " in printed
+    assert f"wrote {tmp_path / 'features.npy'}: features (8, 32)" in printed
+    assert read_image(str(out / "confusion.png")).shape[1] > read_image(str(out / "confusion.png")).shape[2]  # titled
+
+
+def test_first_lines_epochs_units_and_a_rerun_of_another_configuration(demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = TINY + PLAIN + ["--data_path", demo["train"], "--test_path", demo["test"], "--output_dir", str(out),
+                             "--log_every", "100", "--num_clips", "1", "--num_crops", "1"]
+    finetune.main(common + ["--epochs", "2", "--warmup_epochs", "2", "--test_every", "2"])  # 2 steps of 8 clips per epoch
+    printed = capsys.readouterr().out
+    assert "note: the warm-up (2 epochs, 4 steps) is not shorter than the run (4 steps)" in printed
+    assert "note: a total batch of 8 scales the peak learning rate down to 8/256 of --base_lr" in printed
+    assert [row["step"] for row in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if "loss" in row] == [2, 4]  # every epoch logs its loss, though shorter than --log_every
+    test_line = next(line for line in printed.splitlines() if line.startswith("epoch 1 test |"))
+    assert re.search(r"\| best UAR \d+\.\d\d% \(epoch 1\)$", test_line), test_line  # one unit: percent
+    assert re.search(r"best epoch 1 by UAR on the test split .*: \d+\.\d\d%, in ", printed)
+    with pytest.raises(SystemExit) as exit_:  # the folder holds an audio-visual run
+        finetune.main(common + ["--epochs", "2", "--modality", "audio"])
+    message = str(exit_.value)
+    assert message.startswith(f"{out / 'last.pth'} holds a run of another configuration (") and "\n" not in message
+    assert "modality av there, audio here" in message and "--resume none" in message
+    capsys.readouterr()
+    finetune.main(common + ["--epochs", "1", "--modality", "audio", "--resume", "none"])
+    assert "--resume none: starting afresh" in capsys.readouterr().out
+    finetune.main(common + ["--epochs", "2", "--modality", "audio"])
+    printed = capsys.readouterr().out
+    assert f"resumed from {out / 'last.pth'} at the start of epoch 1 (step 2)" in printed
+    assert "epoch 1 step 4/4" in printed and (out / "checkpoint-001.pth").exists()

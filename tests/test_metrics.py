@@ -264,8 +264,9 @@ def test_cli_prints_the_classification_metrics(tmp_path):
     recall_line = next(line for line in out.splitlines() if line.startswith("per-class recall"))
     assert [float(v) for v in re.findall(r"(\S+)%", recall_line)] == pytest.approx(
         [100 * r for r in m["per_class_recall"]], abs=0.005)
-    table = out.split("columns: predicted)\n")[1].splitlines()
+    *table, written = out.split("columns: predicted)\n")[1].splitlines()
     assert [[int(n) for n in row.split()[-4:]] for row in table[1:]] == m["confusion"]
+    assert written == f"wrote {tmp_path / 'out' / 'confusion.png'}: the confusion matrix"
     assert read_image(str(tmp_path / "out" / "confusion.png")).shape[0] == 3
 
 
@@ -306,3 +307,22 @@ def test_confusion_png(tmp_path):
         band = slice(origin + c * cell, origin + (c + 1) * cell)
         assert (image[:, band, evaluate.TITLE_PX:origin].max(0).values < 100).sum() > 20
         assert (image[:, evaluate.TITLE_PX:origin, band].max(0).values < 100).sum() > 20
+
+
+def test_predictions_alone_draw_a_titled_confusion_matrix_beside_the_file(tmp_path, capsys):
+    path, *_ = classification_file(tmp_path)
+    evaluate.main(["--predictions", str(path)])
+    png = tmp_path / "predictions-confusion.png"
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {png}: the confusion matrix"
+    image = read_image(str(png))
+    assert image.shape[1] == image.shape[2] + evaluate.TITLE_PX  # the title band above the square matrix
+    assert (image[:, :evaluate.TITLE_PX].max(0).values < 100).sum() > 50  # the title is drawn there
+
+
+def test_confusion_png_has_no_blank_band_above_short_names(tmp_path):
+    path = tmp_path / "confusion.png"
+    save_confusion_png([[3, 1], [0, 4]], path, ["a", "b"])
+    image = read_image(str(path))
+    blank = (image.min(0).values == 255).all(1).tolist()  # rows of white pixels only
+    longest = max(len(run) for run in "".join("x" if b else " " for b in blank).split())
+    assert longest < evaluate.TITLE_PX  # at most a margin, no band left for names that are not there
