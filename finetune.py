@@ -320,7 +320,8 @@ def main(argv=None):
         if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:
             tester(epoch)
 
-    finished = train(args, env, model, raw_model, optimizer, scaler, loader, finetuning_loss_fn(args), log, on_epoch_end)
+    finished = train(args, env, model, raw_model, optimizer, scaler, loader, finetuning_loss_fn(args), log,
+                     on_epoch_end)
     if finished and not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
         log("testing the model as it stands")
         tester(args.epochs - 1, select=False)

@@ -181,19 +181,17 @@ def all_mean(values, env):
 
 def broadcast_object(obj, env):
     """Rank 0's object on every rank."""
+    box = [obj]
     if env.ddp:
-        box = [obj]
         dist.broadcast_object_list(box, src=0, group=env.control)
-        obj = box[0]
-    return obj
+    return box[0]
 
 
 def gather_objects(obj, env):
     """Every rank's object, in rank order."""
-    if not env.ddp:
-        return [obj]
-    objs = [None] * env.world_size
-    dist.all_gather_object(objs, obj, group=env.control)
+    objs = [obj] * env.world_size
+    if env.ddp:
+        dist.all_gather_object(objs, obj, group=env.control)
     return objs
 
 
@@ -555,10 +553,11 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
                                   eta_s=(total_steps - progress.step) * elapsed / count,
                                   peak_mem_mb=peak_memory_mb(env.device), bad_samples=bad, bad_rows=rows)
                     losses = " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                    log.record(values, f"epoch {epoch} step {progress.step}/{total_steps} | {losses} | lr {step_lr:.2e} "
-                                       f"grad {values['grad_norm']:.3f} | {values['samples_per_s']:.1f} clips/s, "
-                                       f"data wait {values['data_wait']:.0%}, eta {values['eta_s'] / 60:.1f} min, "
-                                       f"peak mem {values['peak_mem_mb']:.0f} MB{replaced}")
+                    log.record(values, f"epoch {epoch} step {progress.step}/{total_steps} | {losses} | "
+                                       f"lr {step_lr:.2e} grad {values['grad_norm']:.3f} | "
+                                       f"{values['samples_per_s']:.1f} clips/s, data wait {values['data_wait']:.0%}, "
+                                       f"eta {values['eta_s'] / 60:.1f} min, peak mem {values['peak_mem_mb']:.0f} MB"
+                                       f"{replaced}")
                     sums, count, t_data, t_last = None, 0, 0.0, time.time()
                 if args.save_every_steps and progress.step % args.save_every_steps == 0:
                     checkpoint("last.pth")

@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import finetune
 import pretrain
 from model import load_checkpoint
-from test_pretrain import REPO, TINY, launch, logged, manifest, weights  # noqa: F401 (manifest: a fixture)
+from test_pretrain import REPO, TINY, launch, logged, manifest  # noqa: F401 (manifest: a fixture)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -89,7 +89,8 @@ def recorder(tmp_path_factory):
 
 
 def two_process_args(manifest, output_dir):
-    return [*TINY, "--data_path", manifest, "--epochs", str(STEPS // 2), "--batch_size", "2", "--output_dir", output_dir]
+    return [*TINY, "--data_path", manifest, "--epochs", str(STEPS // 2), "--batch_size", "2",
+            "--output_dir", output_dir]
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +264,10 @@ def test_a_bad_output_dir_stops_in_one_line_before_any_work(tmp_path):
     """Below a file: before the manifest (which does not exist either) is read."""
     (tmp_path / "a_file").write_text("")
     bad = str(tmp_path / "a_file" / "run")
-    for main, flags in ((pretrain.main, TINY), (finetune.main, [*TINY[:-2], "--test_path", str(tmp_path / "none.csv")])):
-        with pytest.raises(SystemExit, match=rf"^--output_dir {re.escape(bad)}: cannot write there \(Not a directory\)$"):
+    finetune_flags = [*TINY[:-2], "--test_path", str(tmp_path / "none.csv")]  # --visualize_every is pretrain's
+    for main, flags in ((pretrain.main, TINY), (finetune.main, finetune_flags)):
+        with pytest.raises(SystemExit, match=rf"^--output_dir {re.escape(bad)}: cannot write there "
+                                             r"\(Not a directory\)$"):
             main([*flags, "--data_path", str(tmp_path / "none.csv"), "--output_dir", bad])
 
 
