@@ -713,24 +713,42 @@ class FinetuneDataset(_ClipDataset):
 
 
 class BadSampleMonitor:
-    """Counts the samples that failed and were replaced during training (the items' `bad`) and stops
-    the run once more than `max_bad_fraction` of the samples tried failed. The fraction is judged
-    once at least 1 / max_bad_fraction samples were tried."""
+    """Counts the samples that failed and were replaced during training (the items' `bad`) with the rows
+    asked for that failed, and judges their share: too many once more than `max_bad_fraction` of the
+    samples tried failed, judged once at least 1 / max_bad_fraction samples were tried. update() counts
+    a batch of this process; take() hands over what was counted since; check() takes the counts of
+    every process (summed by the caller) and says when to stop."""
 
-    def __init__(self, max_bad_fraction=0.01):
-        self.max_bad_fraction = max_bad_fraction
+    def __init__(self, samples, max_bad_fraction=0.01):
+        self.samples, self.max_bad_fraction = samples, max_bad_fraction
         self.min_seen = math.ceil(1 / max_bad_fraction) if max_bad_fraction > 0 else 1
-        self.bad = self.seen = 0
+        self.bad = self.seen = 0  # judged so far
+        self.new_bad = self.new_seen = 0  # this process's since the last take()
+        self.rows = []
 
     def update(self, batch):
-        bad = int(torch.as_tensor(batch["bad"]).sum())
-        self.bad += bad
-        self.seen += len(batch["bad"]) + bad
+        """A batch of the loader (host tensors: no device sync)."""
+        bad = torch.as_tensor(batch["bad"])
+        replaced = int(bad.sum())
+        self.new_bad, self.new_seen = self.new_bad + replaced, self.new_seen + len(bad) + replaced
+        if replaced:
+            self.rows += [self.samples[i].row for i in torch.as_tensor(batch["index"])[bad > 0].tolist()]
+
+    def take(self):
+        """(failed, tried, rows asked for that failed) counted since the last take()."""
+        counted = self.new_bad, self.new_seen, self.rows
+        self.new_bad, self.new_seen, self.rows = 0, 0, []
+        return counted
+
+    def check(self, bad, seen):
+        """Add the samples failed and tried (every process's, since the last check); a message once there
+        are too many failures, else None."""
+        self.bad, self.seen = self.bad + bad, self.seen + seen
         if self.seen >= self.min_seen and self.bad > self.max_bad_fraction * self.seen:
-            raise RuntimeError(
-                f"{self.bad} of {self.seen} samples failed to decode ({self.bad / self.seen:.1%}, more than "
-                f"--max_bad_fraction {self.max_bad_fraction:.1%}); the warnings above name them, and "
-                f"`python data.py check MANIFEST` lists every bad row")
+            return (f"{self.bad} of {self.seen} samples failed to decode ({self.bad / self.seen:.1%}, more than "
+                    f"--max_bad_fraction {self.max_bad_fraction:.1%}); the log names them, and "
+                    f"`python data.py check MANIFEST` lists every bad row")
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEY
 from model import HiCMAEClassifier, HiCMAEConfig, authors_config, configure_optimizer, load_checkpoint, model_state
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
-                      demo_manifests, make_loader, model_config, parse_args, resume_path, save_checkpoint, setup, train)
+                      check_output_dir, demo_manifests, make_loader, model_config, parse_args, resume_path,
+                      save_checkpoint, setup, train)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Arguments: the authors' recipe as defaults (SPEC section 5)
@@ -299,6 +300,7 @@ def main(argv=None):
     t0 = time.time()
     args = parse_args(build_parser(), argv, DEMO)
     env = setup(args)
+    check_output_dir(args.output_dir)
     log = Logger(args.output_dir, env.master)
     if args.data_path is None:
         args.data_path, args.test_path = demo_manifests(env)
@@ -311,7 +313,6 @@ def main(argv=None):
     if args.test_path is None:
         raise SystemExit("--test_path is required with --data_path (the model is tested after every epoch)")
     train_samples, test_samples = read_data(args)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     cfg = run_config(args)
     log(f"{args.task}, {args.modality}, {args.num_outputs} outputs, {len(train_samples)} train and "
         f"{len(test_samples)} test videos; model: {cfg}")
@@ -330,11 +331,12 @@ def main(argv=None):
         if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:
             tester(epoch)
 
-    train(args, env, model, raw_model, optimizer, scaler, loader, finetuning_loss_fn(args), log, on_epoch_end)
-    if not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
+    finished = train(args, env, model, raw_model, optimizer, scaler, loader, finetuning_loss_fn(args), log,
+                     on_epoch_end)
+    if finished and not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
         log("testing the model as it stands")
         tester(args.epochs - 1, select=False)
-    if env.master:
+    if env.master and finished:
         log(f"test metrics of the last epoch ({args.num_clips} clips x {args.num_crops} crops, "
             f"{len(test_samples)} videos):\n{format_metrics(tester.last, args.class_names)}")
         if tester.best_epoch is not None:

@@ -14,6 +14,7 @@ One file, in the order of the paper (Sun et al., Information Fusion 2024):
 """
 
 import argparse
+import pickle
 import re
 from dataclasses import dataclass, fields
 
@@ -704,9 +705,12 @@ def load_checkpoint(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as e:  # weights_only refuses anything else before it is constructed
+    except pickle.UnpicklingError as e:  # weights_only refuses anything else before it is constructed
         raise ValueError(f"{path}: refused to load: the file holds objects other than tensors and plain "
-                         f"containers, or is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+                         f"containers ({e})") from None
+    except Exception as e:  # a truncated or damaged zip archive, or no PyTorch file at all
+        raise ValueError(f"{path}: corrupt: not a complete PyTorch checkpoint (truncated or damaged; "
+                         f"{type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def model_state(checkpoint):

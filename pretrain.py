@@ -15,9 +15,12 @@ import math
 import os
 import random
 import resource
+import shutil
+import signal
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -84,7 +87,8 @@ def add_training_args(parser, **defaults):
     g.add_argument("--num_workers", type=int, default=default_workers(),
                    help="loader processes per GPU (default: the cores per process, at most 8: %(default)s here)")
     g.add_argument("--max_bad_fraction", type=float, default=0.01,
-                   help="stop once more than this share of the samples seen could not be decoded")
+                   help="save and stop once more than this share of the samples tried could not be decoded, "
+                        "judged at logging steps and epoch ends (default 0.01)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=defaults["batch_size"], help="clips per GPU per micro-step")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-steps per optimiser step")
@@ -111,7 +115,30 @@ def add_training_args(parser, **defaults):
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pth every N steps")
     g.add_argument("--stop_at_step", type=int, default=0,
                    help="save and stop after this many steps, the schedule unchanged (to split a run into jobs)")
+    g.add_argument("--time_limit", type=duration, default=None,
+                   help="save and stop before this much wall time since the start is spent (a job's limit): "
+                        "4h, 90m, 3600s or seconds (default: none)")
     g.add_argument("--log_every", type=int, default=20, help="steps between log lines (and the last step of each epoch)")
+
+
+def duration(text):
+    """'4h', '90m', '30s', '2d' or plain seconds -> seconds."""
+    units = dict(s=1, m=60, h=3600, d=86400)
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a duration such as 4h, 90m or 3600, not {text!r}") from None
+
+
+def check_output_dir(path):
+    """Stop in one line, before any work, if output_dir cannot be made or written."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".write-test-{socket.gethostname()}-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"--output_dir {path}: cannot write there ({e.strerror or e})") from None
 
 
 def parse_args(parser, argv, demo_defaults):
@@ -133,6 +160,8 @@ class Env:
     world_size: int
     device: torch.device
     ddp: bool
+    started: float = 0.0  # time.time() at set-up, for --time_limit
+    control: object = None  # a gloo group for small host-side messages (any backend)
 
     @property
     def master(self):
@@ -151,12 +180,14 @@ def default_workers():
 
 def setup(args):
     """One process per GPU under torchrun (RANK set), else a single process."""
+    started, control = time.time(), None
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         cuda = args.device.startswith("cuda")
         dist.init_process_group("nccl" if cuda else "gloo")
         rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
         device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        control = dist.new_group(backend="gloo")
     else:
         rank, local_rank, world_size, device = 0, 0, 1, torch.device(args.device)
         if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU, which set_device needs named
@@ -168,7 +199,7 @@ def setup(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Env(rank, local_rank, world_size, device, ddp)
+    return Env(rank, local_rank, world_size, device, ddp, started, control)
 
 
 def all_mean(values, env):
@@ -177,6 +208,22 @@ def all_mean(values, env):
         dist.all_reduce(values)
         values /= env.world_size
     return values
+
+
+def broadcast_object(obj, env):
+    """Rank 0's object on every rank."""
+    box = [obj]
+    if env.ddp:
+        dist.broadcast_object_list(box, src=0, group=env.control)
+    return box[0]
+
+
+def gather_objects(obj, env):
+    """Every rank's object, in rank order."""
+    objs = [obj] * env.world_size
+    if env.ddp:
+        dist.all_gather_object(objs, obj, group=env.control)
+    return objs
 
 
 def amp_dtype(args, env):
@@ -194,28 +241,45 @@ def autocast(args, env):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Learning-rate schedule: per-step linear warm-up, then cosine
+# 3. Learning-rate schedule: linear warm-up, then cosine, over the clips trained
 
 def scaled(args, env, value):
     return value * args.batch_size * args.accum_steps * env.world_size / 256
 
 
-def lr_at(step, total_steps, warmup_steps, lr, min_lr, warmup_lr):
-    if step < warmup_steps:
-        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+def lr_at(clip, total_clips, warmup_clips, lr, min_lr, warmup_lr):
+    if clip < warmup_clips:
+        return warmup_lr + (lr - warmup_lr) * clip / warmup_clips
+    progress = min(1.0, (clip - warmup_clips) / max(1, total_clips - warmup_clips))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. Checkpoints
 
+def tensor_bytes(state):
+    """Bytes of the tensors in a nested state: about what its checkpoint needs on disk."""
+    if torch.is_tensor(state):
+        return state.nbytes
+    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else ()
+    return sum(tensor_bytes(v) for v in values)
+
+
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. A failed
+    write (a full disk, no permission) removes the temporary file, leaves the older checkpoint as it
+    was and raises OSError naming the path, the space needed and the space free."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise OSError(f"could not save {path}: {tensor_bytes(state) / 1e6:.1f} MB needed, {free / 1e6:.1f} MB "
+                      f"free there ({type(e).__name__}: {str(e).splitlines()[0]}); {kept}") from None
 
 
 def capture_rng(env):
@@ -230,9 +294,7 @@ def capture_rng(env):
 
 
 def restore_rng(states, env):
-    if len(states) != env.world_size:
-        print(f"note: checkpoint RNG states are from {len(states)} processes, this run has {env.world_size}: "
-              "random streams restart")
+    if len(states) != env.world_size:  # another world size: the random streams restart (start_state says so)
         return
     state = states[env.rank]
     torch.set_rng_state(state["torch"])
@@ -244,7 +306,7 @@ def restore_rng(states, env):
 @dataclass
 class Progress:
     epoch: int = 0  # current epoch
-    batch: int = 0  # micro-batches of this epoch already consumed
+    clips: int = 0  # clips of this epoch already trained, by all the ranks together
     step: int = 0  # optimiser steps done in the whole run
 
 
@@ -258,33 +320,75 @@ def resume_path(args):
 
 
 def start_state(args, env, raw_model, optimizer, scaler, log):
-    """Resume (resume_path), or load --init weights, or start fresh."""
-    path = resume_path(args)
-    if path is not None:
+    """Resume, or load --init weights, or start fresh: (progress, the schedule saved with it or None).
+
+    Rank 0 decides for every rank which checkpoint to resume (resume_path). Every rank reads that path;
+    if one cannot (a node without the shared disk) or finds another state there, rank 0 sends its copy
+    to all. If rank 0 cannot read it, every rank stops."""
+    path = broadcast_object(resume_path(args), env)
+    if path is None:
+        if args.resume in ("none", "") and (Path(args.output_dir) / "last.pth").exists():
+            log(f"--resume none: starting afresh; the checkpoints in {args.output_dir}/ will be replaced")
+        if args.init:
+            load_weights(raw_model, model_state(load_checkpoint(args.init)), log=log)
+            log(f"initialised from {args.init}")
+        return Progress(), None
+    ckpt = problem = None
+    try:
         ckpt = load_checkpoint(path)
-        try:
-            raw_model.load_state_dict(ckpt["model"])
-        except RuntimeError:  # another model, modality or number of outputs: say which, in one line
-            saved = dict(ckpt.get("args", {}), **ckpt.get("model_config", {}))
-            now = dict(vars(args), **asdict(raw_model.cfg))
-            keys = [*asdict(raw_model.cfg), "modality", "num_outputs"]
-            differ = ", ".join(f"{k} {saved.get(k)} there, {now.get(k)} here" for k in keys if saved.get(k) != now.get(k))
-            raise SystemExit(f"{path} holds a run of another configuration ({differ}): resume it with its own flags, "
-                             "or start afresh with --resume none or another --output_dir") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        restore_rng(ckpt["rng"], env)
-        progress = Progress(**ckpt["progress"])
-        where = (f"epoch {progress.epoch} after {progress.batch} batches" if progress.batch else
-                 f"the start of epoch {progress.epoch}")
-        log(f"resumed from {path} at {where} (step {progress.step})")
-        return progress
-    if args.resume in ("none", "") and (Path(args.output_dir) / "last.pth").exists():
-        log(f"--resume none: starting afresh; the checkpoints in {args.output_dir}/ will be replaced")
-    if args.init:
-        load_weights(raw_model, model_state(load_checkpoint(args.init)), log=log)
-        log(f"initialised from {args.init}")
-    return Progress()
+    except (OSError, ValueError) as e:
+        problem = str(e)
+    reads = gather_objects((socket.gethostname(), problem, ckpt and ckpt["progress"]), env)
+    if reads[0][1]:
+        kept = sorted(Path(path).parent.glob("checkpoint-*.pth"))
+        hint = (f"to go on from the newest older checkpoint, pass --resume {kept[-1]}" if kept else
+                "no older checkpoint-EEE.pth beside it: start afresh with --resume none")
+        raise SystemExit(f"cannot resume on node {reads[0][0]} (rank 0): {reads[0][1]}\n{hint}")
+    others = [f"rank {r} on {node}" for r, (node, _, saved) in enumerate(reads) if saved != reads[0][2]]
+    if others:
+        log(f"{', '.join(others)} could not read {path} (or found another state there): rank 0 sends its copy")
+        ckpt = broadcast_object(ckpt, env)
+    if "batch" in ckpt["progress"]:  # saved before progress was counted in clips
+        ckpt["progress"]["clips"] = ckpt["progress"].pop("batch") * ckpt["args"]["batch_size"] * len(ckpt["rng"])
+    try:
+        raw_model.load_state_dict(ckpt["model"])
+    except RuntimeError:  # another model, modality or number of outputs: say which, in one line
+        saved = dict(ckpt.get("args", {}), **ckpt.get("model_config", {}))
+        now = dict(vars(args), **asdict(raw_model.cfg))
+        keys = [*asdict(raw_model.cfg), "modality", "num_outputs"]
+        differ = ", ".join(f"{k} {saved.get(k)} there, {now.get(k)} here" for k in keys if saved.get(k) != now.get(k))
+        raise SystemExit(f"{path} holds a run of another configuration ({differ}): resume it with its own flags, "
+                         "or start afresh with --resume none or another --output_dir") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"], env)
+    progress = Progress(**ckpt["progress"])
+    where = (f"epoch {progress.epoch} after {progress.clips} clips" if progress.clips else
+             f"the start of epoch {progress.epoch}")
+    log(f"resumed from {path} at {where} (step {progress.step})")
+    was = (len(ckpt["rng"]), ckpt["args"]["batch_size"], ckpt["args"]["accum_steps"])
+    now = (env.world_size, args.batch_size, args.accum_steps)
+    if was != now:
+        log("processes x clips x micro-steps per step changed from {} x {} x {} to {} x {} x {}: the learning-rate "
+            "schedule goes on as saved, epoch {} after its first {} clips; the random streams restart (the losses "
+            "are not bit-identical to an unbroken run)".format(*was, *now, progress.epoch, progress.clips))
+    return progress, ckpt.get("schedule")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and torchrun send before a job is stopped
+
+
+@contextmanager
+def stop_signals():
+    """While training, SIGTERM and SIGUSR1 are noted (the list of their names), not obeyed at once."""
+    received = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signal.Signals(signum).name))
+                for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,17 +420,29 @@ def peak_memory_mb(device):
 # 6. Data loading
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start an epoch after the first `start` samples of this rank."""
+    """DistributedSampler that, in training, can start an epoch after its first `start` clips. The clips
+    of an epoch are dealt to the ranks in turn from one order, whatever the number of ranks: the clips
+    already trained are the first `start` of that order with any number of ranks and batch size."""
 
     def __init__(self, dataset, env, shuffle, seed, drop_last):
         super().__init__(dataset, env.world_size, env.rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.start = 0
+        self.start = 0  # clips of this epoch already trained, by all the ranks together
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        if not self.drop_last:  # testing: every clip, padded to a multiple of the ranks as DistributedSampler does
+            return super().__iter__()
+        order = (torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+                 if self.shuffle else torch.arange(len(self.dataset))).tolist()[self.start:]
+        return iter(order[self.rank:len(order) - len(order) % self.num_replicas:self.num_replicas])
 
     def __len__(self):
-        return self.num_samples - self.start
+        return (len(self.dataset) - self.start) // self.num_replicas if self.drop_last else self.num_samples
+
+
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGTERM and SIGUSR1 to the training process (which ends them when it is done)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def make_loader(dataset, args, env, train=True):
@@ -334,6 +450,7 @@ def make_loader(dataset, args, env, train=True):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
         pin_memory=env.device.type == "cuda", drop_last=train, persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(args.seed))  # keeps the loader off the global RNG
 
 
@@ -346,28 +463,43 @@ def to_device(batch, device):
 
 def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, log, on_epoch_end=None,
           check_batch=None):
-    """Run the epochs. compute_loss(model, batch) returns a dict of scalar tensors with 'loss'.
-    check_batch(batch), if given, checks each batch on the host, before it goes to the device.
-    on_epoch_end(epoch) runs after each epoch (figures, testing); checkpoints are saved here.
+    """Run the epochs; True once all are done, False if stopped early (--stop_at_step, SIGTERM or SIGUSR1,
+    --time_limit: every rank finishes the step, then last.pth is saved). compute_loss(model, batch)
+    returns a dict of scalar tensors with 'loss'. check_batch(batch), if given, checks each batch on the
+    host, before it goes to the device. on_epoch_end(epoch) runs after each epoch (figures, testing);
+    checkpoints are saved here.
+
+    Progress and the learning-rate schedule are counted in clips: a run resumed with another number of
+    processes or batch size goes on with the schedule saved in its checkpoint and trains the clips of
+    the epoch not yet trained.
 
     A step never waits for the device: the loss parts are summed on the device and read (and averaged
     over the ranks) at logging steps only. A non-finite loss (or gradient norm, without fp16's scaler) is
     noted on the device with its step; the next logging step, checkpoint or epoch end stops the run
     naming that step, without saving: checkpoints are written only from states known to be finite."""
-    lr, min_lr, warmup_lr = (scaled(args, env, v) for v in (args.base_lr, args.min_lr, args.warmup_lr))
+    out = Path(args.output_dir)
     steps_per_epoch = len(loader.sampler) // (args.batch_size * args.accum_steps)
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
-    progress = start_state(args, env, raw_model, optimizer, scaler, log)
-    monitor = data.BadSampleMonitor(args.max_bad_fraction)
+    clips_per_step = args.batch_size * args.accum_steps * env.world_size
+    progress, schedule = start_state(args, env, raw_model, optimizer, scaler, log)
+    schedule = schedule or dict(  # the run's first configuration sets it for good
+        lr=scaled(args, env, args.base_lr), min_lr=scaled(args, env, args.min_lr),
+        warmup_lr=scaled(args, env, args.warmup_lr), clips_per_epoch=steps_per_epoch * clips_per_step,
+        warmup_clips=round(args.warmup_epochs * steps_per_epoch) * clips_per_step)
+    total_clips = args.epochs * schedule["clips_per_epoch"]
+    loader.sampler.start = progress.clips
+    steps_left = (len(loader) // args.accum_steps if progress.epoch < args.epochs else 0) + \
+        max(0, args.epochs - progress.epoch - 1) * steps_per_epoch
+    total_steps = progress.step + steps_left
+    monitor = data.BadSampleMonitor(loader.dataset.samples, args.max_bad_fraction)
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    samples_per_step = args.batch_size * args.accum_steps * env.world_size
-    log(f"{total_steps} steps of {samples_per_step} clips ({steps_per_epoch} per epoch; epochs count from 0, as "
-        f"the checkpoint names), peak lr {lr:.3g} = --base_lr {args.base_lr:g} x {samples_per_step} / 256")
+    log(f"{total_steps} steps of {clips_per_step} clips ({steps_per_epoch} per epoch; epochs count from 0, as "
+        f"the checkpoint names), peak lr {schedule['lr']:.3g} = --base_lr x total batch / 256")
+    warmup_steps = schedule["warmup_clips"] // clips_per_step
     if warmup_steps >= total_steps:
         log(f"note: the warm-up ({args.warmup_epochs:g} epochs, {warmup_steps} steps) is not shorter than the run "
             f"({total_steps} steps): the learning rate never reaches its peak; lower --warmup_epochs")
-    if samples_per_step < 16:
-        log(f"note: a total batch of {samples_per_step} scales the peak learning rate down to {samples_per_step}/256 of "
+    if clips_per_step < 16:
+        log(f"note: a total batch of {clips_per_step} scales the peak learning rate down to {clips_per_step}/256 of "
             "--base_lr; raise --base_lr (or the batch) to train at the recipe's rate")
     never = 2**62
     first_bad = torch.full((), never, dtype=torch.long, device=env.device)  # first step with a non-finite value
@@ -379,84 +511,133 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
         bad = bad.item()
         if bad != never:
-            last = Path(args.output_dir) / "last.pth"
-            raise SystemExit(f"non-finite loss or gradient norm at epoch {(bad - 1) // steps_per_epoch}, step {bad}: "
-                             f"stopping. The last good checkpoint is {last if last.exists() else 'none yet'}")
+            last = out / "last.pth"
+            raise SystemExit(f"non-finite loss or gradient norm at step {bad}: stopping. "
+                             f"The last good checkpoint is {last if last.exists() else 'none yet'}")
 
     def checkpoint(name):
+        """Rank 0 saves; a failed save stops every rank."""
         check_finite()
-        rng = capture_rng(env)
+        rng, error = capture_rng(env), None
         if env.master:
-            save_checkpoint(Path(args.output_dir) / name, dict(
-                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                progress=asdict(progress), args=vars(args), model_config=asdict(raw_model.cfg), rng=rng))
+            try:
+                save_checkpoint(out / name, dict(
+                    model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    progress=asdict(progress), schedule=schedule, args=vars(args), model_config=asdict(raw_model.cfg),
+                    rng=rng))
+            except OSError as e:
+                error = str(e)
+        if broadcast_object(error, env):
+            raise SystemExit(error)
+
+    def bad_samples():
+        """(replacements, rows) of every rank since the last call; over --max_bad_fraction, save and stop."""
+        bad, seen, rows = monitor.take()
+        if env.ddp:
+            counts = torch.tensor([bad, seen])
+            dist.all_reduce(counts, group=env.control)
+            bad, seen = counts.tolist()
+            rows = sum(gather_objects(rows, env), []) if bad else []
+        problem = monitor.check(bad, seen)
+        if problem:
+            checkpoint("last.pth")
+            raise SystemExit(f"{problem}. Stopped after step {progress.step}, saved in {out / 'last.pth'}")
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        return bad, rows, f" | {bad} bad samples replaced: {', '.join(rows[:5])}{more}" if bad else ""
+
+    longest, t_check = 0.0, time.time()
+
+    def stop_reason(received):
+        """Why to stop after this step, agreed by every rank: a signal any rank received, or --time_limit near."""
+        nonlocal longest, t_check
+        now = time.time()
+        longest, t_check = max(longest, now - t_check), now
+        reasons = ["", "--time_limit", "SIGUSR1", "SIGTERM"]
+        code = max([reasons.index(r) for r in received] + [0])
+        if args.time_limit and now - env.started + 2 * longest > args.time_limit:  # 2 steps (or epoch ends) to spare
+            code = max(code, 1)
+        if env.ddp:
+            code = torch.tensor([code])
+            dist.all_reduce(code, op=dist.ReduceOp.MAX, group=env.control)
+        return reasons[int(code)]
 
     sums, finite, count, t_data, t_last = None, None, 0, 0.0, time.time()
-    for epoch in range(progress.epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.start = progress.batch * args.batch_size
-        loader.dataset.set_epoch(epoch)
-        model.train()
-        batches = iter(loader)
-        for micro in range(progress.batch, steps_per_epoch * args.accum_steps):
-            t0 = time.time()
-            batch = next(batches)
-            t_data += time.time() - t0
-            monitor.update(batch)  # the loader's host tensors: no device sync
-            if check_batch is not None:
-                check_batch(batch)
-            batch = to_device(batch, env.device)
-            last_micro = (micro + 1) % args.accum_steps == 0
-            with model.no_sync() if env.ddp and not last_micro else nullcontext(), autocast(args, env):
-                parts = compute_loss(model, batch)
-            scaler.scale(parts["loss"] / args.accum_steps).backward()
-            names = ["loss"] + [k for k in parts if k != "loss"]
-            now = torch.stack([parts[k].detach().float() for k in names]) / args.accum_steps
-            sums = now if sums is None else sums + now
-            finite = torch.isfinite(now[0]) if finite is None else finite & torch.isfinite(now[0])
-            if not last_micro:
-                continue
-            step_lr = lr_at(progress.step, total_steps, warmup_steps, lr, min_lr, warmup_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr * group.get("lr_scale", 1.0)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if not scaler.is_enabled():  # with fp16's scaler an infinite gradient only skips the step
-                finite = finite & torch.isfinite(grad_norm)
-            first_bad = torch.where(finite, first_bad, first_bad.clamp(max=progress.step + 1))
-            progress.step, progress.batch, count, finite = progress.step + 1, micro + 1, count + 1, None
+    with stop_signals() as received:
+        for epoch in range(progress.epoch, args.epochs):
+            loader.sampler.set_epoch(epoch)
+            loader.sampler.start = progress.clips
+            loader.dataset.set_epoch(epoch)
+            model.train()
+            batches = iter(loader)
+            for micro in range(len(loader) // args.accum_steps * args.accum_steps):
+                t0 = time.time()
+                batch = next(batches)
+                t_data += time.time() - t0
+                monitor.update(batch)  # the loader's host tensors: no device sync
+                if check_batch is not None:
+                    check_batch(batch)
+                batch = to_device(batch, env.device)
+                last_micro = (micro + 1) % args.accum_steps == 0
+                with model.no_sync() if env.ddp and not last_micro else nullcontext(), autocast(args, env):
+                    parts = compute_loss(model, batch)
+                scaler.scale(parts["loss"] / args.accum_steps).backward()
+                names = ["loss"] + [k for k in parts if k != "loss"]
+                now = torch.stack([parts[k].detach().float() for k in names]) / args.accum_steps
+                sums = now if sums is None else sums + now
+                finite = torch.isfinite(now[0]) if finite is None else finite & torch.isfinite(now[0])
+                if not last_micro:
+                    continue
+                step_lr = lr_at(epoch * schedule["clips_per_epoch"] + progress.clips, total_clips,
+                                schedule["warmup_clips"], schedule["lr"], schedule["min_lr"], schedule["warmup_lr"])
+                for group in optimizer.param_groups:
+                    group["lr"] = step_lr * group.get("lr_scale", 1.0)
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if not scaler.is_enabled():  # with fp16's scaler an infinite gradient only skips the step
+                    finite = finite & torch.isfinite(grad_norm)
+                first_bad = torch.where(finite, first_bad, first_bad.clamp(max=progress.step + 1))
+                progress.step, progress.clips = progress.step + 1, progress.clips + clips_per_step
+                count, finite = count + 1, None
 
-            if progress.step % args.log_every == 0 or micro + 1 == steps_per_epoch * args.accum_steps:
-                check_finite()
-                means = dict(zip(names, all_mean(sums / count, env).tolist()))
-                elapsed = time.time() - t_last
-                values = dict(epoch=epoch, step=progress.step, **means, lr=step_lr, grad_norm=grad_norm.item(),
-                              samples_per_s=count * samples_per_step / elapsed, data_wait=t_data / elapsed,
-                              eta_s=(total_steps - progress.step) * elapsed / count,
-                              peak_mem_mb=peak_memory_mb(env.device))
-                losses = " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                log.record(values, f"epoch {epoch} step {progress.step}/{total_steps} | {losses} | lr {step_lr:.2e} "
-                                   f"grad {values['grad_norm']:.3f} | {values['samples_per_s']:.1f} clips/s, "
-                                   f"data wait {values['data_wait']:.0%}, eta {values['eta_s'] / 60:.1f} min, "
-                                   f"peak mem {values['peak_mem_mb']:.0f} MB")
-                sums, count, t_data, t_last = None, 0, 0.0, time.time()
-            if args.save_every_steps and progress.step % args.save_every_steps == 0:
-                checkpoint("last.pth")
-            if args.stop_at_step and progress.step >= args.stop_at_step:
-                checkpoint("last.pth")
-                log(f"stopped at step {progress.step} (--stop_at_step); run again to resume")
-                return progress
-        progress.epoch, progress.batch = epoch + 1, 0
-        check_finite()  # before testing or drawing a model that may be broken
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
-        checkpoint("last.pth")
-        if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-            checkpoint(f"checkpoint-{epoch:03d}.pth")
-    return progress
+                if progress.step % args.log_every == 0 or micro + 1 == len(loader) // args.accum_steps * args.accum_steps:
+                    check_finite()
+                    bad, rows, replaced = bad_samples()
+                    means = dict(zip(names, all_mean(sums / count, env).tolist()))
+                    elapsed = time.time() - t_last
+                    values = dict(epoch=epoch, step=progress.step, **means, lr=step_lr, grad_norm=grad_norm.item(),
+                                  samples_per_s=count * clips_per_step / elapsed, data_wait=t_data / elapsed,
+                                  eta_s=(total_steps - progress.step) * elapsed / count,
+                                  peak_mem_mb=peak_memory_mb(env.device), bad_samples=bad, bad_rows=rows)
+                    losses = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                    log.record(values, f"epoch {epoch} step {progress.step}/{total_steps} | {losses} | "
+                                       f"lr {step_lr:.2e} grad {values['grad_norm']:.3f} | "
+                                       f"{values['samples_per_s']:.1f} clips/s, data wait {values['data_wait']:.0%}, "
+                                       f"eta {values['eta_s'] / 60:.1f} min, peak mem {values['peak_mem_mb']:.0f} MB"
+                                       f"{replaced}")
+                    sums, count, t_data, t_last = None, 0, 0.0, time.time()
+                if args.save_every_steps and progress.step % args.save_every_steps == 0:
+                    checkpoint("last.pth")
+                reason = "--stop_at_step" if args.stop_at_step and progress.step >= args.stop_at_step else \
+                    stop_reason(received)
+                if reason:
+                    checkpoint("last.pth")
+                    log(f"stopped after step {progress.step} ({reason}): saved {out / 'last.pth'}; "
+                        "run the same command again to go on")
+                    return False
+            progress.epoch, progress.clips = epoch + 1, 0
+            check_finite()  # before testing or drawing a model that may be broken
+            bad, rows, replaced = bad_samples()
+            if bad:
+                log(f"epoch {epoch} since the last log line{replaced}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+            checkpoint("last.pth")
+            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
+                checkpoint(f"checkpoint-{epoch:03d}.pth")
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,11 +844,11 @@ def main(argv=None):
     cfg = model_config(args)
     if args.benchmark:
         return benchmark(args, env, cfg)
+    check_output_dir(args.output_dir)
     log = Logger(args.output_dir, env.master)
     if args.data_path is None:
         args.data_path = demo_manifests(env)[0]
         log(f"no --data_path: pre-training a small model on the demo data set ({args.data_path})")
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     log(f"model: {cfg}")
 
     dataset = pretrain_dataset(read_pretrain_manifest(args), cfg, args.sampling_rate, args.seed)
@@ -691,9 +872,9 @@ def main(argv=None):
             log(f"wrote {path}")
 
     gather = args.gather_negatives and env.ddp
-    train(args, env, model, raw_model, optimizer, scaler, loader, pretraining_loss_fn(cfg, gather, args.compile), log,
-          on_epoch_end, check_batch=lambda batch: check_masks(cfg, batch["video_mask"], batch["audio_mask"]))
-    log(f"done: checkpoints in {args.output_dir}/")
+    if train(args, env, model, raw_model, optimizer, scaler, loader, pretraining_loss_fn(cfg, gather, args.compile),
+             log, on_epoch_end, check_batch=lambda batch: check_masks(cfg, batch["video_mask"], batch["audio_mask"])):
+        log(f"done: checkpoints in {args.output_dir}/")
     if env.ddp:
         del model  # DDP's reducer must go before its process group: freed after it, a rank can hang at exit
         dist.destroy_process_group()

@@ -16,7 +16,7 @@ import evaluate
 import finetune
 from model import (HiCMAE, HiCMAEClassifier, HiCMAEConfig, authors_config, load_checkpoint, load_weights, model_state,
                    pretrain_loss, reconstruction_targets)
-from pretrain import start_state
+from pretrain import Env, start_state
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 FIXTURE = Path(os.environ.get("HICMAE_PARITY_FIXTURE", REFERENCE / "official_tiny.pt"))
@@ -154,7 +154,7 @@ def test_authors_finetuned_checkpoint_as_finetune_init(ref, tmp_path):
     args.num_outputs = ref["config"]["num_classes"]
     model = finetune.build_model(args)
     messages = []
-    start_state(args, None, model, None, None, messages.append)  # as finetune.py's train() does
+    start_state(args, Env(0, 0, 1, torch.device("cpu"), False), model, None, None, messages.append)  # as train() does
     assert model.cfg.dim == ref["config"]["dim"] and model.cfg.img_size == ref["config"]["img_size"]
     assert not any("fresh" in m for m in messages), messages  # every weight, head included, came from the file
     assert_close("logits", fixture_logits(model, ref), ref["finetune_outputs"]["logits"])

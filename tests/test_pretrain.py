@@ -99,7 +99,7 @@ def test_resume_in_the_middle_of_an_epoch_follows_the_same_trajectory(manifest, 
     common = [*TINY, "--data_path", manifest, "--epochs", "2", "--batch_size", "2", "--drop_path", "0.2"]
     run(*common, "--output_dir", str(tmp_path / "straight"))
     run(*common, "--output_dir", str(tmp_path / "split"), "--stop_at_step", "5")  # 4 steps per epoch
-    assert load_checkpoint(tmp_path / "split" / "last.pth")["progress"] == dict(epoch=1, batch=1, step=5)
+    assert load_checkpoint(tmp_path / "split" / "last.pth")["progress"] == dict(epoch=1, clips=2, step=5)
     run(*common, "--output_dir", str(tmp_path / "split"))  # resumes from output_dir/last.pth
     straight, split = logged(tmp_path / "straight"), logged(tmp_path / "split")
     assert [r["step"] for r in split] == list(range(1, 9))
