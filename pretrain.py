@@ -481,6 +481,8 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
     steps_per_epoch = len(loader.sampler) // (args.batch_size * args.accum_steps)
     clips_per_step = args.batch_size * args.accum_steps * env.world_size
     progress, schedule = start_state(args, env, raw_model, optimizer, scaler, log)
+    if progress.step == 0 and env.master:  # a fresh run (--resume none too) starts its own log.jsonl
+        log.path.unlink(missing_ok=True)
     schedule = schedule or dict(  # the run's first configuration sets it for good
         lr=scaled(args, env, args.base_lr), min_lr=scaled(args, env, args.min_lr),
         warmup_lr=scaled(args, env, args.warmup_lr), clips_per_epoch=steps_per_epoch * clips_per_step,

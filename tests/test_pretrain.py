@@ -268,3 +268,11 @@ def test_a_plain_cuda_device_is_named_with_the_current_gpu(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert env.device == torch.device("cuda", 0) and named == [torch.device("cuda", 0)]
+
+
+def test_a_fresh_start_in_a_used_folder_starts_its_own_log(manifest, tmp_path):
+    common = [*TINY, "--data_path", manifest, "--epochs", "1", "--batch_size", "4", "--output_dir", str(tmp_path)]
+    run(*common)
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2]
+    run(*common, "--resume", "none")
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2]  # not [1, 2, 1, 2]
