@@ -22,6 +22,7 @@ import os
 import sys
 import time
 import warnings
+import wave
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ def _reading(path, what):
         yield
     except DataError:
         raise
-    except (av.FFmpegError, OSError, RuntimeError, ValueError) as e:
+    except (av.FFmpegError, OSError, RuntimeError, ValueError, EOFError, wave.Error) as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise DataError(f"{path}: cannot read {what}: {reason}") from None
 
@@ -180,26 +181,60 @@ def guess_task(path):
 class VideoFile:
     """A video file read through PyAV; any container and codec FFmpeg reads.
 
-    Frame i is the i-th frame in display order. Its timestamp comes from the demuxer (read once,
-    without decoding), so any frame rate works, and reading a clip decodes only from the keyframe
-    before its first frame to its last frame.
+    The file is opened and demuxed once: its packets stay in memory while the object lives (use it
+    in a `with` block). Frame i is the i-th frame in display order; its timestamp comes from the
+    demuxer, so any frame rate works. Reading a clip decodes from the keyframe before its first
+    frame, and only the frames that it needs or that later frames refer to (FFmpeg skips the
+    non-reference frames that the clip does not show). With `audio=True` the file's first audio
+    stream is demuxed in the same pass: `self.audio` is a Waveform of it.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, audio=False):
         self.path = path
-        with _reading(path, "video"), av.open(path) as container:
-            if not container.streams.video:
-                raise DataError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            packets = [(p.pts, p.is_discard) for p in container.demux(stream) if p.size]
-            declared, self.time_base = stream.frames, stream.time_base
-        if any(pts is None for pts, _ in packets):
+        self.container = None
+        with _reading(path, "video"):
+            self.container = av.open(path)
+            try:
+                self._demux(audio)
+            except BaseException:
+                self.close()
+                raise
+
+    def _demux(self, audio):
+        container, path = self.container, self.path
+        if not container.streams.video:
+            raise DataError(f"{path}: no video stream")
+        self.stream = container.streams.video[0]
+        self.stream.thread_type = "NONE"  # one thread per loader worker; the workers are the parallelism
+        audio_stream = None
+        if audio:
+            if not container.streams.audio:
+                raise DataError(f"{path}: no audio stream")
+            audio_stream = container.streams.audio[0]
+        self.packets, audio_packets = [], []
+        for packet in container.demux([s for s in (self.stream, audio_stream) if s is not None]):
+            if packet.size:
+                (self.packets if packet.stream is self.stream else audio_packets).append(packet)
+        declared, self.time_base = self.stream.frames, self.stream.time_base
+        if any(p.pts is None for p in self.packets):
             raise DataError(f"{path}: the video packets carry no timestamps (remux the file, e.g. to .mp4)")
-        self.pts = sorted(pts for pts, discard in packets if not discard)
+        self.pts = sorted(p.pts for p in self.packets if not p.is_discard)
         if not self.pts:
             raise DataError(f"{path}: the video stream holds no frames")
-        if declared and len(packets) < declared:
-            raise DataError(f"{path}: truncated: {len(packets)} of {declared} video frames present")
+        if declared and len(self.packets) < declared:
+            raise DataError(f"{path}: truncated: {len(self.packets)} of {declared} video frames present")
+        self.audio = _decode_audio(path, audio_stream, audio_packets) if audio else None
+
+    def close(self):
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __len__(self):
         return len(self.pts)
@@ -216,10 +251,12 @@ class VideoFile:
     def read(self, indices):
         """Frames at `indices` as uint8 (T, 3, H, W)."""
         wanted = {self.pts[i] for i in indices}
-        first, last = self.pts[min(indices)], self.pts[max(indices)]
-        # Seek to the keyframe before the first frame; if that misses it, decode from the start.
-        for seek in ((first, None) if first > self.pts[0] else (None,)):
-            frames = self._decode(wanted, seek, last)
+        first = self.pts[min(indices)]
+        # Start at the last keyframe (in decoding order) that is shown at or before the first frame;
+        # if that misses a frame, decode from the start.
+        start = max((j for j, p in enumerate(self.packets) if p.is_keyframe and p.pts <= first), default=0)
+        for begin in dict.fromkeys((start, 0)):
+            frames = self._decode(wanted, begin)
             if len(frames) == len(wanted):
                 break
         else:
@@ -227,21 +264,22 @@ class VideoFile:
             raise DataError(f"{self.path}: frame {missing} of {len(self)} cannot be decoded (truncated or corrupt)")
         return torch.from_numpy(np.stack([frames[self.pts[i]] for i in indices])).permute(0, 3, 1, 2)
 
-    def _decode(self, wanted, seek, last):
+    def _decode(self, wanted, begin):
         frames = {}
         # One reformatter per clip keeps its conversion context (frame.to_rgb() rebuilds it for every
         # frame), and one thread is 15x faster on clip-sized frames. Never share one with threads
         # across processes: its thread pool does not survive a fork, and a loader worker would hang.
         to_rgb = av.video.reformatter.VideoReformatter()
-        with _reading(self.path, "video"), av.open(self.path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "NONE"  # one thread per loader worker; the workers are the parallelism
-            if seek is not None:
-                container.seek(seek, stream=stream, backward=True)
-            for frame in container.decode(stream):
-                if frame.pts in wanted:
-                    frames[frame.pts] = to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
-                if frame.pts is not None and frame.pts >= last:
+        codec = self.stream.codec_context
+        with _reading(self.path, "video"):
+            codec.flush_buffers()
+            for packet in self.packets[begin:] + [None]:
+                if packet is not None:
+                    codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+                for frame in codec.decode(packet):
+                    if frame.pts in wanted:
+                        frames[frame.pts] = to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                if len(frames) == len(wanted):
                     break
         return frames
 
@@ -265,6 +303,13 @@ class FrameFolder:
         if not names:
             raise DataError(f"{path}: no jpg/png/bmp frames in the folder")
         self.files = [os.path.join(path, n) for n in names]
+        self.audio = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
     def __len__(self):
         return len(self.files)
@@ -284,13 +329,60 @@ class FrameFolder:
         return torch.stack([images[i] for i in indices])
 
 
-def open_video(path):
-    """A VideoFile or a FrameFolder, or DataError."""
+def open_video(path, audio=False):
+    """A VideoFile (with its own audio stream when `audio`) or a FrameFolder, or DataError."""
     if os.path.isdir(path):
         return FrameFolder(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or folder")
-    return VideoFile(path)
+    return VideoFile(path, audio)
+
+
+class Waveform:
+    """Decoded 16 kHz mono audio, float32 (1, N); `window(start, stop)` cuts samples from it."""
+
+    def __init__(self, samples):
+        self.samples, self.num_samples = samples, samples.shape[1]
+
+    def window(self, start, stop):
+        return self.samples[:, start:stop]
+
+
+class WavFile:
+    """A 16 kHz mono 16-bit PCM .wav: a window's samples are read from the file, nothing else. The
+    values equal PyAV's decoding (int16 / 32768)."""
+
+    def __init__(self, path):
+        self.path = path
+        with _reading(path, "audio"), wave.open(path, "rb") as f:
+            self.num_samples = f.getnframes()
+            f.setpos(max(self.num_samples - 1, 0))
+            if self.num_samples and len(f.readframes(1)) < 2:
+                raise DataError(f"{path}: truncated: the file ends before its {self.num_samples} declared samples")
+
+    def window(self, start, stop):
+        with _reading(self.path, "audio"), wave.open(self.path, "rb") as f:
+            f.setpos(start)
+            pcm = np.frombuffer(f.readframes(stop - start), dtype="<i2")
+        return torch.from_numpy(pcm.astype(np.float32) / 32768)[None]
+
+
+def _is_plain_wav(path):
+    """True for a 16 kHz mono 16-bit PCM .wav file, the one WavFile reads."""
+    if not path.lower().endswith(".wav"):
+        return False
+    try:
+        with wave.open(path, "rb") as f:
+            return (f.getnchannels(), f.getsampwidth(), f.getframerate()) == (1, 2, SAMPLE_RATE)
+    except (wave.Error, EOFError, OSError):
+        return False  # PyAV names what is wrong
+
+
+def open_audio(path):
+    """A WavFile for a 16 kHz mono PCM wav; otherwise the decoded Waveform (read_audio)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    return WavFile(path) if _is_plain_wav(path) else Waveform(read_audio(path))
 
 
 def read_audio(path):
@@ -302,8 +394,16 @@ def read_audio(path):
         if not container.streams.audio:
             raise DataError(f"{path}: no audio stream")
         stream = container.streams.audio[0]
+        return _decode_audio(path, stream, (p for p in container.demux(stream) if p.size)).samples
+
+
+def _decode_audio(path, stream, packets):
+    """A Waveform of an audio stream's packets: resampled to 16 kHz, the mean of the channels."""
+    with _reading(path, "audio"):
         resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
-        chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
+        chunks = [out.to_ndarray() for packet in packets for frame in stream.codec_context.decode(packet)
+                  for out in resampler.resample(frame)]
+        chunks += [out.to_ndarray() for frame in stream.codec_context.decode(None) for out in resampler.resample(frame)]
         chunks += [out.to_ndarray() for out in resampler.resample(None)]
         declared = float(stream.duration * stream.time_base) if stream.duration else None
     if not chunks:
@@ -312,7 +412,7 @@ def read_audio(path):
     seconds = waveform.shape[1] / SAMPLE_RATE
     if declared and seconds < declared - max(0.1, 0.02 * declared):
         raise DataError(f"{path}: truncated: {seconds:.2f} s of audio decoded, {declared:.2f} s declared")
-    return waveform
+    return Waveform(waveform)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,45 +445,52 @@ def clip_indices(num_available, start, num_frames, stride):
     return spread + [num_available - 1] * (num_frames - k)
 
 
-def audio_window(video, waveform, first, last, audio_frames, path):
-    """The audio between frames `first` and `last` (video.audio_span). A window of MIN_AUDIO_SAMPLES
-    or fewer falls back to the whole file when the file is shorter than `audio_frames` feature
-    frames (10 ms each), and is an error otherwise."""
-    start, stop = video.audio_span(first, last, waveform.shape[1])
+def audio_window(video, audio, first, last, audio_frames, path):
+    """The audio (a Waveform or WavFile) between frames `first` and `last` (video.audio_span). A window
+    of MIN_AUDIO_SAMPLES or fewer falls back to the whole file when the file is shorter than
+    `audio_frames` feature frames (10 ms each), and is an error otherwise."""
+    start, stop = video.audio_span(first, last, audio.num_samples)
     if stop - start > MIN_AUDIO_SAMPLES:
-        return waveform[:, start:stop]
-    if waveform.shape[1] < audio_frames * SAMPLE_RATE // 100:
-        return waveform
+        return audio.window(start, stop)
+    if audio.num_samples < audio_frames * SAMPLE_RATE // 100:
+        return audio.window(0, audio.num_samples)
     raise DataError(f"{path}: audio window of {stop - start} samples (frames {first}-{last}) in "
-                    f"{waveform.shape[1] / SAMPLE_RATE:.2f} s of audio; is the audio shorter than the video?")
+                    f"{audio.num_samples / SAMPLE_RATE:.2f} s of audio; is the audio shorter than the video?")
 
 
-def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1):
+MODALITIES = ("av", "audio", "video")
+
+
+def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1, modality="av"):
     """Decode clips of a sample: a list of (frames uint8 (T, 3, H, W), waveform (1, n) 16 kHz).
 
     Training (a `generator`): one clip at a random start; its audio runs from the clip's first frame
     to frames x stride frames later, capped at the last frame. Test (`generator` None): the authors'
     `num_clips` clips (test_clips); the audio runs from the first frame to one stride after the last,
-    capped at the last frame, as theirs. Raises DataError naming the row, the path and the reason.
+    capped at the last frame, as theirs. Each file is opened once. With modality "audio" the frames
+    are None (the video is demuxed for its timestamps, not decoded); with "video" the waveforms are
+    None (the audio is not read). Raises DataError naming the row, the path and the reason.
     """
     span = num_frames * sampling_rate
+    own_audio = sample.audio is None or sample.audio == sample.video
     try:
-        video = open_video(sample.video)
-        if sample.audio is None and isinstance(video, FrameFolder):
-            raise DataError(f"{sample.video}: a frame folder needs an audio file in the manifest")
-        audio_path = sample.audio or sample.video
-        waveform = read_audio(audio_path)
-        if waveform.shape[1] <= MIN_AUDIO_SAMPLES:
-            raise DataError(f"{audio_path}: only {waveform.shape[1]} audio samples")
-        last_frame = len(video) - 1
-        if generator is not None:
-            start = random_start(len(video), span, generator)
-            windows = [(clip_indices(len(video), start, num_frames, sampling_rate), min(start + span, last_frame))]
-        else:
-            windows = [(indices, min(indices[-1] + sampling_rate, last_frame))
-                       for indices in test_clips(len(video), num_frames, sampling_rate, num_clips)]
-        clips = [(video.read(indices), audio_window(video, waveform, indices[0], last, audio_frames, audio_path))
-                 for indices, last in windows]
+        with open_video(sample.video, audio=own_audio and modality != "video") as video:
+            if sample.audio is None and isinstance(video, FrameFolder):
+                raise DataError(f"{sample.video}: a frame folder needs an audio file in the manifest")
+            audio_path = sample.audio or sample.video
+            audio = None if modality == "video" else video.audio if own_audio else open_audio(audio_path)
+            if audio is not None and audio.num_samples <= MIN_AUDIO_SAMPLES:
+                raise DataError(f"{audio_path}: only {audio.num_samples} audio samples")
+            last_frame = len(video) - 1
+            if generator is not None:
+                start = random_start(len(video), span, generator)
+                windows = [(clip_indices(len(video), start, num_frames, sampling_rate), min(start + span, last_frame))]
+            else:
+                windows = [(indices, min(indices[-1] + sampling_rate, last_frame))
+                           for indices in test_clips(len(video), num_frames, sampling_rate, num_clips)]
+            clips = [(None if modality == "audio" else video.read(indices),
+                      None if audio is None else audio_window(video, audio, indices[0], last, audio_frames, audio_path))
+                     for indices, last in windows]
     except DataError as e:
         raise DataError(f"{sample.row}: {e}") from None
     return clips
@@ -463,16 +570,44 @@ def multiscale_crop(frames, size, generator):
     return TF.resized_crop(frames, top, left, crop_h, crop_w, [size, size], antialias=True)
 
 
-def finetune_train_transform(img_size, scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25):
-    """Fine-tuning augmentation: random resized crop, flip, RandAugment, then normalisation and
-    random erasing (random values)."""
+def finetune_train_transform(img_size, scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7):
+    """Fine-tuning augmentation of uint8 frames: random resized crop, flip, RandAugment. The
+    normalisation and random erasing follow on the device (erasing_box, normalize_batch)."""
     return v2.Compose([
         v2.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandAugment(num_ops=rand_ops, magnitude=rand_magnitude),
-        v2.Lambda(normalize),
-        v2.RandomErasing(p=erase_prob, value="random"),
     ])
+
+
+def erasing_box(frames, prob):
+    """The box of torchvision's RandomErasing(p=prob, value="random") for frames (T, 3, H, W), as
+    int64 (top, left, height, width), all 0 for none. It draws from the global generator exactly as
+    that transform does (its noise included), so the rest of the item is what the transform left;
+    normalize_batch fills the box with standard normal noise after normalising, as the transform."""
+    eraser = v2.RandomErasing(p=prob, value="random")
+    if torch.rand(1) >= prob:
+        return torch.zeros(4, dtype=torch.long)
+    box = eraser.make_params([frames])
+    if box["v"] is None:  # no box fitted in ten tries
+        return torch.zeros(4, dtype=torch.long)
+    return torch.tensor([box["i"], box["j"], box["h"], box["w"]])
+
+
+def normalize_batch(batch):
+    """On the device, in the training step: a batch's uint8 video (B, 3, T, H, W) or an item's
+    (3, T, H, W) -> ImageNet-normalised float, then each fine-tuning item's `erase` box filled with
+    standard normal noise (the same in every frame, as RandomErasing). Other batches pass as they are."""
+    video = batch.get("video")
+    if video is None or video.dtype != torch.uint8:
+        return batch
+    scale, shift = (x.to(video.device).view(3, 1, 1, 1) for x in (_SCALE, _SHIFT))
+    video = video.float().mul_(scale).sub_(shift)  # as normalize
+    if "erase" in batch:
+        for b, (top, left, height, width) in enumerate(batch["erase"].tolist()):
+            if height:
+                video[b, :, :, top:top + height, left:left + width] = torch.randn(3, 1, height, width, device=video.device)
+    return dict(batch, video=video)
 
 
 TEST_VIEWS = ("authors", "short_side")
@@ -528,19 +663,26 @@ class _ClipDataset(torch.utils.data.Dataset):
     replacement of bad samples during training."""
 
     def __init__(self, samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
-                 seed, strict, max_retries):
+                 seed, strict, max_retries, modality="av"):
+        if modality not in MODALITIES:
+            raise ValueError(f"modality is one of {MODALITIES}, got {modality!r}")
         self.samples = list(samples)
+        self.modality = modality
         self.img_size, self.num_frames, self.sampling_rate = img_size, num_frames, sampling_rate
         self.audio_frames, self.num_mel_bins = audio_frames, num_mel_bins
         self.seed, self.strict, self.max_retries = seed, strict, max_retries
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by persistent workers
 
     def __len__(self):
         return len(self.samples)
 
+    @property
+    def epoch(self):
+        return int(self._epoch)
+
     def set_epoch(self, epoch):
-        """Call before each epoch's iterator is created (workers copy the data set at that point)."""
-        self.epoch = epoch
+        """Call before each epoch's iterator is created; the loader's workers, persistent or not, see it."""
+        self._epoch.fill_(epoch)
 
     def _features(self, waveform):
         return fbank(waveform, self.audio_frames, self.num_mel_bins)
@@ -553,7 +695,7 @@ class _ClipDataset(torch.utils.data.Dataset):
             sample = self.samples[index]
             try:
                 (frames, waveform), = load_clips(sample, self.num_frames, self.sampling_rate,
-                                                 self.audio_frames, generator)
+                                                 self.audio_frames, generator, modality=self.modality)
                 return sample, frames, waveform, bad
             except DataError as e:
                 if self.strict:
@@ -566,8 +708,8 @@ class _ClipDataset(torch.utils.data.Dataset):
 
 
 class PretrainDataset(_ClipDataset):
-    """Pre-training items: a clip with the multi-scale crop, the audio that follows it, and masks
-    (tube masking for video, random masking for audio)."""
+    """Pre-training items: a clip with the multi-scale crop (uint8; normalize_batch normalises it on
+    the device), the audio that follows it, and masks (tube masking for video, random masking for audio)."""
 
     def __init__(self, samples, *, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
                  num_mel_bins=128, patch_size=16, tubelet_size=2, video_mask_ratio=0.9,
@@ -581,7 +723,7 @@ class PretrainDataset(_ClipDataset):
     def __getitem__(self, index):
         generator = item_generator(self.seed, self.epoch, index)
         _, frames, waveform, bad = self._load_training_clip(index, generator)
-        video = normalize(multiscale_crop(frames, self.img_size, generator))
+        video = multiscale_crop(frames, self.img_size, generator)  # uint8: normalize_batch on the device
         return dict(
             video=video.permute(1, 0, 2, 3),
             audio=self._features(waveform)[None],
@@ -599,8 +741,10 @@ def _target_tensor(target):
 class FinetuneDataset(_ClipDataset):
     """Fine-tuning items with their target.
 
-    train=True: one augmented clip (random resized crop, flip, RandAugment, random erasing; audio
-    roll-and-gain and optional frequency/time masking). train=False: the authors' num_clips clips
+    train=True: one augmented clip as uint8 video (random resized crop, flip, RandAugment) with the box
+    of its random erasing (`erase`; normalize_batch normalises and erases on the device), and audio with
+    roll-and-gain and optional frequency/time masking; `modality` "audio" or "video" leaves the other
+    out of the item (neither decoded nor read). train=False: the authors' num_clips clips
     (test_clips) x num_crops crops (test_views, by `test_views`), stacked as V = num_clips * num_crops
     views (clip-major; the crops of a clip share its audio); no audio gain at test time (the authors'
     code draws a random one there). A test row that fails raises DataError; test rows may be unlabelled.
@@ -609,30 +753,33 @@ class FinetuneDataset(_ClipDataset):
     def __init__(self, samples, *, train, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
                  num_mel_bins=128, num_clips=2, num_crops=2, seed=0, strict=False, max_retries=10,
                  scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25, roll_gain=True,
-                 freqm=0, timem=0, test_views="authors"):
+                 freqm=0, timem=0, test_views="authors", modality="av"):
         super().__init__(samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
-                         seed, strict, max_retries)
+                         seed, strict, max_retries, modality if train else "av")
         unlabelled = next((s.row for s in self.samples if s.target is None), None)
         if unlabelled and train:
             raise ValueError(f"{unlabelled}: fine-tuning needs a label on every row")
         if test_views not in TEST_VIEWS:
             raise ValueError(f"test views are one of {TEST_VIEWS}, got {test_views!r}")
         self.train, self.num_clips, self.num_crops, self.test_views = train, num_clips, num_crops, test_views
-        self.transform = finetune_train_transform(img_size, scale, rand_ops, rand_magnitude, erase_prob)
-        self.roll_gain, self.freqm, self.timem = roll_gain, freqm, timem
+        self.transform = finetune_train_transform(img_size, scale, rand_ops, rand_magnitude)
+        self.erase_prob, self.roll_gain, self.freqm, self.timem = erase_prob, roll_gain, freqm, timem
 
     def __getitem__(self, index):
         if not self.train:
             return self._test_item(index)
         generator = item_generator(self.seed, self.epoch, index)
         sample, frames, waveform, bad = self._load_training_clip(index, generator)
+        item = dict(target=_target_tensor(sample.target), index=index, bad=bad)
         with seeded_global_rng(generator):
-            video = self.transform(frames)
-            if self.roll_gain:
-                waveform = roll_and_gain(waveform)
-            audio = spec_mask(self._features(waveform), self.freqm, self.timem)
-        return dict(video=video.permute(1, 0, 2, 3), audio=audio[None],
-                    target=_target_tensor(sample.target), index=index, bad=bad)
+            if frames is not None:  # uint8: normalize_batch normalises and erases on the device
+                video = self.transform(frames)
+                item.update(video=video.permute(1, 0, 2, 3), erase=erasing_box(video, self.erase_prob))
+            if waveform is not None:
+                if self.roll_gain:
+                    waveform = roll_and_gain(waveform)
+                item["audio"] = spec_mask(self._features(waveform), self.freqm, self.timem)[None]
+        return item
 
     def _test_item(self, index):
         sample = self.samples[index]
