@@ -533,4 +533,8 @@ def test_demo_then_check_and_bench(tmp_path, capsys):
     again, _ = data.write_demo(tmp_path / "again", seed=0, num_train=4, num_test=4)
     first = lambda manifest: Path(open(manifest).readline().split()[0]).read_bytes()
     assert first(train) == first(again)  # deterministic for a seed
-    assert data.bench(train, batch_size=2, num_batches=1) > 0
+    capsys.readouterr()
+    assert data.bench(train, batch_size=2, num_batches=1, task="pretrain") > 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"pretrain: 2 clips in .* clips/s with 0 workers \(batch 2\); [\d.]+ ms CPU per item = "
+                        r"[\d.]+ clips/s per core", last), last
