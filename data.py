@@ -601,18 +601,21 @@ def erasing_box(frames, prob):
 
 
 def normalize_batch(batch):
-    """On the device, in the training step: a batch's uint8 video (B, 3, T, H, W) or an item's
-    (3, T, H, W) -> ImageNet-normalised float, then each fine-tuning item's `erase` box filled with
-    standard normal noise (the same in every frame, as RandomErasing). Other batches pass as they are."""
+    """On the device, in the training step: a batch's uint8 video (B, 3, T, H, W) (or a pre-training
+    item's (3, T, H, W)) -> ImageNet-normalised float; then each fine-tuning item's `erase` box filled
+    with standard normal noise, the same in every frame, as RandomErasing (masked on the device:
+    nothing is read back to the host). Other batches pass as they are."""
     video = batch.get("video")
     if video is None or video.dtype != torch.uint8:
         return batch
     scale, shift = (x.to(video.device).view(3, 1, 1, 1) for x in (_SCALE, _SHIFT))
     video = video.float().mul_(scale).sub_(shift)  # as normalize
     if "erase" in batch:
-        for b, (top, left, height, width) in enumerate(batch["erase"].tolist()):
-            if height:
-                video[b, :, :, top:top + height, left:left + width] = torch.randn(3, 1, height, width, device=video.device)
+        top, left, height, width = batch["erase"].T[..., None]  # (B, 1) each
+        rows, cols = (torch.arange(n, device=video.device) for n in video.shape[-2:])
+        inside = (((rows >= top) & (rows < top + height))[:, :, None] & ((cols >= left) & (cols < left + width))[:, None])
+        noise = torch.randn(video.shape[0], 3, 1, *video.shape[-2:], device=video.device)
+        video = torch.where(inside[:, None, None], noise, video)
     return dict(batch, video=video)
 
 
