@@ -937,7 +937,7 @@ def prepare(manifest, out_dir, root_map=(), workers=1, task=None, crf=23):
         results = pool.imap(_prepare_sample, jobs) if pool else map(_prepare_sample, jobs)
         for done, ((sample, video, audio, _), error) in enumerate(zip(jobs, results), 1):
             if error:
-                print(f"\r{error}", flush=True)
+                print(error, flush=True)
                 failed += 1
             else:
                 rows.append(" ".join([os.path.relpath(video, out_dir) if video.startswith(out_dir) else video,
