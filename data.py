@@ -3,26 +3,33 @@
 One file, in the order the data flows:
   0. constants and the error type
   1. manifests (the authors' format) and the path-prefix rewrite
-  2. decoding: video files (PyAV), frame folders (torchvision.io), audio (PyAV, 16 kHz mono)
+  2. decoding: video files (PyAV), frame folders (torchvision.io), audio (PyAV, 16 kHz mono; a
+     16 kHz mono wav's window read directly)
   3. clip sampling and the audio window that follows the clip
   4. log-Mel features (torchaudio's Kaldi fbank, normalised as the authors do)
   5. masks for pre-training
-  6. transforms: pre-training crop, fine-tuning augmentation, test-time views
+  6. transforms: pre-training crop, fine-tuning augmentation, test-time views, and the training
+     step's normalisation on the device
   7. data sets for pre-training and fine-tuning, and the bad-sample monitor
-  8. the built-in demo data set
-  9. command line: python data.py check|demo|scan|bench
+  8. the prepared copy of a data set (re-encoded for the clip sampler)
+  9. the built-in demo data set
+  10. command line: python data.py check|demo|scan|prepare|bench
 
 Every random choice of an item comes from a generator seeded by (seed, epoch, index), so an item is
 the same whatever the number of workers or processes, and no global random state is used.
 """
 
 import argparse
+import hashlib
 import math
+import multiprocessing
 import os
+import shutil
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+import wave
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +73,7 @@ def _reading(path, what):
         yield
     except DataError:
         raise
-    except (av.FFmpegError, OSError, RuntimeError, ValueError) as e:
+    except (av.FFmpegError, OSError, RuntimeError, ValueError, EOFError, wave.Error) as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise DataError(f"{path}: cannot read {what}: {reason}") from None
 
@@ -204,26 +211,60 @@ def _open(path):
 class VideoFile:
     """A video file read through PyAV; any container and codec FFmpeg reads.
 
-    Frame i is the i-th frame in display order. Its timestamp comes from the demuxer (read once,
-    without decoding), so any frame rate works, and reading a clip decodes only from the keyframe
-    before its first frame to its last frame.
+    The file is opened and demuxed once: its packets stay in memory while the object lives (use it
+    in a `with` block). Frame i is the i-th frame in display order; its timestamp comes from the
+    demuxer, so any frame rate works. Reading a clip decodes from the keyframe before its first
+    frame, and only the frames that it needs or that later frames refer to (FFmpeg skips the
+    non-reference frames that the clip does not show). With `audio=True` the file's first audio
+    stream is demuxed in the same pass: `self.audio` is a Waveform of it.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, audio=False):
         self.path = path
-        with _reading(path, "video"), _open(path) as container:
-            if not container.streams.video:
-                raise DataError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            packets = [(p.pts, p.is_discard) for p in container.demux(stream) if p.size]
-            declared, self.time_base = stream.frames, stream.time_base
-        if any(pts is None for pts, _ in packets):
+        self.container = None
+        with _reading(path, "video"):
+            self.container = _open(path)
+            try:
+                self._demux(audio)
+            except BaseException:
+                self.close()
+                raise
+
+    def _demux(self, audio):
+        container, path = self.container, self.path
+        if not container.streams.video:
+            raise DataError(f"{path}: no video stream")
+        self.stream = container.streams.video[0]
+        self.stream.thread_type = "NONE"  # one thread per loader worker; the workers are the parallelism
+        audio_stream = None
+        if audio:
+            if not container.streams.audio:
+                raise DataError(f"{path}: no audio stream ({AUDIO_HINT})")
+            audio_stream = container.streams.audio[0]
+        self.packets, audio_packets = [], []
+        for packet in container.demux([s for s in (self.stream, audio_stream) if s is not None]):
+            if packet.size:
+                (self.packets if packet.stream is self.stream else audio_packets).append(packet)
+        declared, self.time_base = self.stream.frames, self.stream.time_base
+        if any(p.pts is None for p in self.packets):
             raise DataError(f"{path}: the video packets carry no timestamps (remux the file, e.g. to .mp4)")
-        self.pts = sorted(pts for pts, discard in packets if not discard)
+        self.pts = sorted(p.pts for p in self.packets if not p.is_discard)
         if not self.pts:
             raise DataError(f"{path}: the video stream holds no frames")
-        if declared and len(packets) < declared:
-            raise DataError(f"{path}: truncated: {len(packets)} of {declared} video frames present")
+        if declared and len(self.packets) < declared:
+            raise DataError(f"{path}: truncated: {len(self.packets)} of {declared} video frames present")
+        self.audio = _decode_audio(path, audio_stream, audio_packets) if audio else None
+
+    def close(self):
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __len__(self):
         return len(self.pts)
@@ -240,10 +281,12 @@ class VideoFile:
     def read(self, indices):
         """Frames at `indices` as uint8 (T, 3, H, W)."""
         wanted = {self.pts[i] for i in indices}
-        first, last = self.pts[min(indices)], self.pts[max(indices)]
-        # Seek to the keyframe before the first frame; if that misses it, decode from the start.
-        for seek in ((first, None) if first > self.pts[0] else (None,)):
-            frames = self._decode(wanted, seek, last)
+        first = self.pts[min(indices)]
+        # Start at the last keyframe (in decoding order) that is shown at or before the first frame;
+        # if that misses a frame, decode from the start.
+        start = max((j for j, p in enumerate(self.packets) if p.is_keyframe and p.pts <= first), default=0)
+        for begin in dict.fromkeys((start, 0)):
+            frames = self._decode(wanted, begin)
             if len(frames) == len(wanted):
                 break
         else:
@@ -251,21 +294,22 @@ class VideoFile:
             raise DataError(f"{self.path}: frame {missing} of {len(self)} cannot be decoded (truncated or corrupt)")
         return torch.from_numpy(np.stack([frames[self.pts[i]] for i in indices])).permute(0, 3, 1, 2)
 
-    def _decode(self, wanted, seek, last):
+    def _decode(self, wanted, begin):
         frames = {}
         # One reformatter per clip keeps its conversion context (frame.to_rgb() rebuilds it for every
         # frame), and one thread is 15x faster on clip-sized frames. Never share one with threads
         # across processes: its thread pool does not survive a fork, and a loader worker would hang.
         to_rgb = av.video.reformatter.VideoReformatter()
-        with _reading(self.path, "video"), av.open(self.path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "NONE"  # one thread per loader worker; the workers are the parallelism
-            if seek is not None:
-                container.seek(seek, stream=stream, backward=True)
-            for frame in container.decode(stream):
-                if frame.pts in wanted:
-                    frames[frame.pts] = to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
-                if frame.pts is not None and frame.pts >= last:
+        codec = self.stream.codec_context
+        with _reading(self.path, "video"):
+            codec.flush_buffers()
+            for packet in self.packets[begin:] + [None]:
+                if packet is not None:
+                    codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+                for frame in codec.decode(packet):
+                    if frame.pts in wanted:
+                        frames[frame.pts] = to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                if len(frames) == len(wanted):
                     break
         return frames
 
@@ -289,6 +333,13 @@ class FrameFolder:
         if not names:
             raise DataError(f"{path}: no jpg/png/bmp frames in the folder")
         self.files = [os.path.join(path, n) for n in names]
+        self.audio = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
     def __len__(self):
         return len(self.files)
@@ -308,13 +359,60 @@ class FrameFolder:
         return torch.stack([images[i] for i in indices])
 
 
-def open_video(path):
-    """A VideoFile or a FrameFolder, or DataError."""
+def open_video(path, audio=False):
+    """A VideoFile (with its own audio stream when `audio`) or a FrameFolder, or DataError."""
     if os.path.isdir(path):
         return FrameFolder(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or folder")
-    return VideoFile(path)
+    return VideoFile(path, audio)
+
+
+class Waveform:
+    """Decoded 16 kHz mono audio, float32 (1, N); `window(start, stop)` cuts samples from it."""
+
+    def __init__(self, samples):
+        self.samples, self.num_samples = samples, samples.shape[1]
+
+    def window(self, start, stop):
+        return self.samples[:, start:stop]
+
+
+class WavFile:
+    """A 16 kHz mono 16-bit PCM .wav: a window's samples are read from the file, nothing else. The
+    values equal PyAV's decoding (int16 / 32768)."""
+
+    def __init__(self, path):
+        self.path = path
+        with _reading(path, "audio"), wave.open(path, "rb") as f:
+            self.num_samples = f.getnframes()
+            f.setpos(max(self.num_samples - 1, 0))
+            if self.num_samples and len(f.readframes(1)) < 2:
+                raise DataError(f"{path}: truncated: the file ends before its {self.num_samples} declared samples")
+
+    def window(self, start, stop):
+        with _reading(self.path, "audio"), wave.open(self.path, "rb") as f:
+            f.setpos(start)
+            pcm = np.frombuffer(f.readframes(stop - start), dtype="<i2")
+        return torch.from_numpy(pcm.astype(np.float32) / 32768)[None]
+
+
+def _is_plain_wav(path):
+    """True for a 16 kHz mono 16-bit PCM .wav file, the one WavFile reads."""
+    if not path.lower().endswith(".wav"):
+        return False
+    try:
+        with wave.open(path, "rb") as f:
+            return (f.getnchannels(), f.getsampwidth(), f.getframerate()) == (1, 2, SAMPLE_RATE)
+    except (wave.Error, EOFError, OSError):
+        return False  # PyAV names what is wrong
+
+
+def open_audio(path):
+    """A WavFile for a 16 kHz mono PCM wav; otherwise the decoded Waveform (read_audio)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    return WavFile(path) if _is_plain_wav(path) else Waveform(read_audio(path))
 
 
 def read_audio(path):
@@ -326,8 +424,16 @@ def read_audio(path):
         if not container.streams.audio:
             raise DataError(f"{path}: no audio stream ({AUDIO_HINT})")
         stream = container.streams.audio[0]
+        return _decode_audio(path, stream, (p for p in container.demux(stream) if p.size)).samples
+
+
+def _decode_audio(path, stream, packets):
+    """A Waveform of an audio stream's packets: resampled to 16 kHz, the mean of the channels."""
+    with _reading(path, "audio"):
         resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
-        chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
+        chunks = [out.to_ndarray() for packet in packets for frame in stream.codec_context.decode(packet)
+                  for out in resampler.resample(frame)]
+        chunks += [out.to_ndarray() for frame in stream.codec_context.decode(None) for out in resampler.resample(frame)]
         chunks += [out.to_ndarray() for out in resampler.resample(None)]
         declared = float(stream.duration * stream.time_base) if stream.duration else None
     if not chunks:
@@ -336,7 +442,7 @@ def read_audio(path):
     seconds = waveform.shape[1] / SAMPLE_RATE
     if declared and seconds < declared - max(0.1, 0.02 * declared):
         raise DataError(f"{path}: truncated: {seconds:.2f} s of audio decoded, {declared:.2f} s declared")
-    return waveform
+    return Waveform(waveform)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,17 +475,17 @@ def clip_indices(num_available, start, num_frames, stride):
     return spread + [num_available - 1] * (num_frames - k)
 
 
-def audio_window(video, waveform, first, last, audio_frames, path):
-    """The audio between frames `first` and `last` (video.audio_span). A window of MIN_AUDIO_SAMPLES
-    or fewer falls back to the whole file when the file is shorter than `audio_frames` feature
-    frames (10 ms each), and is an error otherwise."""
-    start, stop = video.audio_span(first, last, waveform.shape[1])
+def audio_window(video, audio, first, last, audio_frames, path):
+    """The audio (a Waveform or WavFile) between frames `first` and `last` (video.audio_span). A window
+    of MIN_AUDIO_SAMPLES or fewer falls back to the whole file when the file is shorter than
+    `audio_frames` feature frames (10 ms each), and is an error otherwise."""
+    start, stop = video.audio_span(first, last, audio.num_samples)
     if stop - start > MIN_AUDIO_SAMPLES:
-        return waveform[:, start:stop]
-    if waveform.shape[1] < audio_frames * SAMPLE_RATE // 100:
-        return waveform
+        return audio.window(start, stop)
+    if audio.num_samples < audio_frames * SAMPLE_RATE // 100:
+        return audio.window(0, audio.num_samples)
     raise DataError(f"{path}: audio window of {stop - start} samples (frames {first}-{last}) in "
-                    f"{waveform.shape[1] / SAMPLE_RATE:.2f} s of audio; is the audio shorter than the video?")
+                    f"{audio.num_samples / SAMPLE_RATE:.2f} s of audio; is the audio shorter than the video?")
 
 
 class AudioTimeline:
@@ -396,8 +502,11 @@ class AudioTimeline:
         return (min(first * SAMPLE_RATE // AUDIO_ONLY_FPS, num_samples),
                 min(last * SAMPLE_RATE // AUDIO_ONLY_FPS, num_samples))
 
-    def read(self, indices):
-        return torch.zeros(len(indices), 3, 1, 1, dtype=torch.uint8)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
 
 def _has_video(path):
@@ -408,43 +517,47 @@ def _has_video(path):
         return bool(container.streams.video)
 
 
-def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1,
-               modality="av"):
+MODALITIES = ("av", "audio", "video")
+
+
+def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1, modality="av"):
     """Decode clips of a sample: a list of (frames uint8 (T, 3, H, W), waveform (1, n) 16 kHz).
 
     Training (a `generator`): one clip at a random start; its audio runs from the clip's first frame
     to frames x stride frames later, capped at the last frame. Test (`generator` None): the authors'
     `num_clips` clips (test_clips); the audio runs from the first frame to one stride after the last,
-    capped at the last frame, as theirs. A model of one modality needs only that one: for "video" the
-    audio is not read (the waveform is silence); for "audio" without a video stream (sample.video None,
-    or a file holding only audio) the frames are black and placed by AudioTimeline.
+    capped at the last frame, as theirs. Each file is opened once. A model of one modality needs only
+    that one: with modality "audio" the frames are None (a video is demuxed for its timestamps, not
+    decoded; audio without a video stream, sample.video None or a file holding only audio, is placed on
+    AudioTimeline's frames); with "video" the waveforms are None (the audio is not read).
     Raises DataError naming the row (if any), the path and the reason.
     """
     span = num_frames * sampling_rate
+    own_audio = sample.audio is None or sample.audio == sample.video
     try:
         audio_path = sample.audio or sample.video
         if modality == "audio" and not _has_video(sample.video):
-            waveform = read_audio(audio_path)
-            video = AudioTimeline(waveform.shape[1])
+            audio = open_audio(audio_path)
+            video = AudioTimeline(audio.num_samples)
         else:
-            video = open_video(sample.video)
-            if modality == "video":
-                waveform = torch.zeros(1, audio_frames * SAMPLE_RATE // 100)
-            elif sample.audio is None and isinstance(video, FrameFolder):
+            video = open_video(sample.video, audio=own_audio and modality != "video")
+        with video:
+            if sample.audio is None and isinstance(video, FrameFolder) and modality != "video":
                 raise DataError(f"{sample.video}: a frame folder has no audio ({AUDIO_HINT})")
+            if not isinstance(video, AudioTimeline):
+                audio = None if modality == "video" else video.audio if own_audio else open_audio(audio_path)
+            if audio is not None and audio.num_samples <= MIN_AUDIO_SAMPLES:
+                raise DataError(f"{audio_path}: only {audio.num_samples} audio samples")
+            last_frame = len(video) - 1
+            if generator is not None:
+                start = random_start(len(video), span, generator)
+                windows = [(clip_indices(len(video), start, num_frames, sampling_rate), min(start + span, last_frame))]
             else:
-                waveform = read_audio(audio_path)
-        if waveform.shape[1] <= MIN_AUDIO_SAMPLES:
-            raise DataError(f"{audio_path}: only {waveform.shape[1]} audio samples")
-        last_frame = len(video) - 1
-        if generator is not None:
-            start = random_start(len(video), span, generator)
-            windows = [(clip_indices(len(video), start, num_frames, sampling_rate), min(start + span, last_frame))]
-        else:
-            windows = [(indices, min(indices[-1] + sampling_rate, last_frame))
-                       for indices in test_clips(len(video), num_frames, sampling_rate, num_clips)]
-        clips = [(video.read(indices), waveform if modality == "video" else
-                  audio_window(video, waveform, indices[0], last, audio_frames, audio_path)) for indices, last in windows]
+                windows = [(indices, min(indices[-1] + sampling_rate, last_frame))
+                           for indices in test_clips(len(video), num_frames, sampling_rate, num_clips)]
+            clips = [(None if modality == "audio" else video.read(indices),
+                      None if audio is None else audio_window(video, audio, indices[0], last, audio_frames, audio_path))
+                     for indices, last in windows]
     except DataError as e:
         raise DataError(f"{sample.row}: {e}" if sample.row else str(e)) from None
     return clips
@@ -524,16 +637,47 @@ def multiscale_crop(frames, size, generator):
     return TF.resized_crop(frames, top, left, crop_h, crop_w, [size, size], antialias=True)
 
 
-def finetune_train_transform(img_size, scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25):
-    """Fine-tuning augmentation: random resized crop, flip, RandAugment, then normalisation and
-    random erasing (random values)."""
+def finetune_train_transform(img_size, scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7):
+    """Fine-tuning augmentation of uint8 frames: random resized crop, flip, RandAugment. The
+    normalisation and random erasing follow on the device (erasing_box, normalize_batch)."""
     return v2.Compose([
         v2.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandAugment(num_ops=rand_ops, magnitude=rand_magnitude),
-        v2.Lambda(normalize),
-        v2.RandomErasing(p=erase_prob, value="random"),
     ])
+
+
+def erasing_box(frames, prob):
+    """The box of torchvision's RandomErasing(p=prob, value="random") for frames (T, 3, H, W), as
+    int64 (top, left, height, width), all 0 for none. It draws from the global generator exactly as
+    that transform does (its noise included), so the rest of the item is what the transform left;
+    normalize_batch fills the box with standard normal noise after normalising, as the transform."""
+    eraser = v2.RandomErasing(p=prob, value="random")
+    if torch.rand(1) >= prob:
+        return torch.zeros(4, dtype=torch.long)
+    box = eraser.make_params([frames])
+    if box["v"] is None:  # no box fitted in ten tries
+        return torch.zeros(4, dtype=torch.long)
+    return torch.tensor([box["i"], box["j"], box["h"], box["w"]])
+
+
+def normalize_batch(batch):
+    """On the device, in the training step: a batch's uint8 video (B, 3, T, H, W) (or a pre-training
+    item's (3, T, H, W)) -> ImageNet-normalised float; then each fine-tuning item's `erase` box filled
+    with standard normal noise, the same in every frame, as RandomErasing (masked on the device:
+    nothing is read back to the host). Other batches pass as they are."""
+    video = batch.get("video")
+    if video is None or video.dtype != torch.uint8:
+        return batch
+    scale, shift = (x.to(video.device).view(3, 1, 1, 1) for x in (_SCALE, _SHIFT))
+    video = video.float().mul_(scale).sub_(shift)  # as normalize
+    if "erase" in batch:
+        top, left, height, width = batch["erase"].T[..., None]  # (B, 1) each
+        rows, cols = (torch.arange(n, device=video.device) for n in video.shape[-2:])
+        inside = (((rows >= top) & (rows < top + height))[:, :, None] & ((cols >= left) & (cols < left + width))[:, None])
+        noise = torch.randn(video.shape[0], 3, 1, *video.shape[-2:], device=video.device)
+        video = torch.where(inside[:, None, None], noise, video)
+    return dict(batch, video=video)
 
 
 TEST_VIEWS = ("authors", "short_side")
@@ -589,19 +733,26 @@ class _ClipDataset(torch.utils.data.Dataset):
     replacement of bad samples during training."""
 
     def __init__(self, samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
-                 seed, strict, max_retries):
+                 seed, strict, max_retries, modality="av"):
+        if modality not in MODALITIES:
+            raise ValueError(f"modality is one of {MODALITIES}, got {modality!r}")
         self.samples = list(samples)
+        self.modality = modality
         self.img_size, self.num_frames, self.sampling_rate = img_size, num_frames, sampling_rate
         self.audio_frames, self.num_mel_bins = audio_frames, num_mel_bins
         self.seed, self.strict, self.max_retries = seed, strict, max_retries
-        self.epoch, self.modality = 0, "av"
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by persistent workers
 
     def __len__(self):
         return len(self.samples)
 
+    @property
+    def epoch(self):
+        return int(self._epoch)
+
     def set_epoch(self, epoch):
-        """Call before each epoch's iterator is created (workers copy the data set at that point)."""
-        self.epoch = epoch
+        """Call before each epoch's iterator is created; the loader's workers, persistent or not, see it."""
+        self._epoch.fill_(epoch)
 
     def _features(self, waveform):
         return fbank(waveform, self.audio_frames, self.num_mel_bins)
@@ -627,8 +778,8 @@ class _ClipDataset(torch.utils.data.Dataset):
 
 
 class PretrainDataset(_ClipDataset):
-    """Pre-training items: a clip with the multi-scale crop, the audio that follows it, and masks
-    (tube masking for video, random masking for audio)."""
+    """Pre-training items: a clip with the multi-scale crop (uint8; normalize_batch normalises it on
+    the device), the audio that follows it, and masks (tube masking for video, random masking for audio)."""
 
     def __init__(self, samples, *, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
                  num_mel_bins=128, patch_size=16, tubelet_size=2, video_mask_ratio=0.9,
@@ -642,7 +793,7 @@ class PretrainDataset(_ClipDataset):
     def __getitem__(self, index):
         generator = item_generator(self.seed, self.epoch, index)
         _, frames, waveform, bad = self._load_training_clip(index, generator)
-        video = normalize(multiscale_crop(frames, self.img_size, generator))
+        video = multiscale_crop(frames, self.img_size, generator)  # uint8: normalize_batch on the device
         return dict(
             video=video.permute(1, 0, 2, 3),
             audio=self._features(waveform)[None],
@@ -660,8 +811,10 @@ def _target_tensor(target):
 class FinetuneDataset(_ClipDataset):
     """Fine-tuning items with their target.
 
-    train=True: one augmented clip (random resized crop, flip, RandAugment, random erasing; audio
-    roll-and-gain and optional frequency/time masking). train=False: the authors' num_clips clips
+    train=True: one augmented clip as uint8 video (random resized crop, flip, RandAugment) with the box
+    of its random erasing (`erase`; normalize_batch normalises and erases on the device), and audio with
+    roll-and-gain and optional frequency/time masking; `modality` "audio" or "video" leaves the other
+    out of the item (neither decoded nor read). train=False: the authors' num_clips clips
     (test_clips) x num_crops crops (test_views, by `test_views`), stacked as V = num_clips * num_crops
     views (clip-major; the crops of a clip share its audio); no audio gain at test time (the authors'
     code draws a random one there). A test row that fails raises DataError; test rows may be unlabelled.
@@ -673,35 +826,41 @@ class FinetuneDataset(_ClipDataset):
                  scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25, roll_gain=True,
                  freqm=0, timem=0, test_views="authors", modality="av"):
         super().__init__(samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
-                         seed, strict, max_retries)
+                         seed, strict, max_retries, modality)
         unlabelled = next((s.row for s in self.samples if s.target is None), None)
         if unlabelled and train:
             raise ValueError(f"{unlabelled}: fine-tuning needs a label on every row")
         if test_views not in TEST_VIEWS:
             raise ValueError(f"test views are one of {TEST_VIEWS}, got {test_views!r}")
         self.train, self.num_clips, self.num_crops, self.test_views = train, num_clips, num_crops, test_views
-        self.transform = finetune_train_transform(img_size, scale, rand_ops, rand_magnitude, erase_prob)
-        self.roll_gain, self.freqm, self.timem = roll_gain, freqm, timem
-        self.modality = modality  # "audio" or "video": the other stream is not read (load_clips)
+        self.transform = finetune_train_transform(img_size, scale, rand_ops, rand_magnitude)
+        self.erase_prob, self.roll_gain, self.freqm, self.timem = erase_prob, roll_gain, freqm, timem
 
     def __getitem__(self, index):
         if not self.train:
             return self._test_item(index)
         generator = item_generator(self.seed, self.epoch, index)
         sample, frames, waveform, bad = self._load_training_clip(index, generator)
+        item = dict(target=_target_tensor(sample.target), index=index, bad=bad)
         with seeded_global_rng(generator):
-            video = self.transform(frames)
-            if self.roll_gain:
-                waveform = roll_and_gain(waveform)
-            audio = spec_mask(self._features(waveform), self.freqm, self.timem)
-        return dict(video=video.permute(1, 0, 2, 3), audio=audio[None],
-                    target=_target_tensor(sample.target), index=index, bad=bad)
+            if frames is not None:  # uint8: normalize_batch normalises and erases on the device
+                video = self.transform(frames)
+                item.update(video=video.permute(1, 0, 2, 3), erase=erasing_box(video, self.erase_prob))
+            if waveform is not None:
+                if self.roll_gain:
+                    waveform = roll_and_gain(waveform)
+                item["audio"] = spec_mask(self._features(waveform), self.freqm, self.timem)[None]
+        return item
 
     def _test_item(self, index):
         sample = self.samples[index]
         videos, audios = [], []
         for frames, waveform in load_clips(sample, self.num_frames, self.sampling_rate,
                                            self.audio_frames, num_clips=self.num_clips, modality=self.modality):
+            if waveform is None:  # a video model: silence in place of the audio it does not read
+                waveform = torch.zeros(1, self.audio_frames * SAMPLE_RATE // 100)
+            if frames is None:  # an audio model: black frames in place of the video it does not decode
+                frames = torch.zeros(self.num_frames, 3, self.img_size, self.img_size, dtype=torch.uint8)
             audio = self._features(waveform)[None]
             for crop in test_views(frames, self.img_size, self.num_crops, self.test_views):
                 videos.append(normalize(crop).permute(1, 0, 2, 3))
@@ -752,7 +911,137 @@ class BadSampleMonitor:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. The built-in demo data set
+# 8. The prepared copy: `python data.py prepare MANIFEST --out DIR`
+# Each video file is re-encoded once so that a clip decodes few frames: H.264 at its own size, frame
+# rate and timestamps (so the clip sampler picks the same frames), a keyframe every 32 frames, and a
+# fixed pattern of one reference frame then three B-frames that nothing refers to (the loader skips
+# the B-frames that a clip does not show), CAVLC instead of CABAC (about 1.5x faster to decode, 10%
+# larger). Each audio track becomes a 16 kHz mono 16-bit wav (a window is read, not decoded). The
+# copy is an ordinary manifest of .mp4 and .wav files: everything that reads a manifest reads it.
+
+PREPARED_X264 = "keyint=32:min-keyint=32:scenecut=0:bframes=3:b-adapt=0:b-pyramid=none:cabac=0"
+
+
+def _prepared_name(path, out_dir, suffix):
+    """OUT_DIR/<stem>-<hash of the source path><suffix>: one output per source file."""
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    return os.path.join(out_dir, f"{Path(path).stem}-{digest}{suffix}")
+
+
+def _write_atomically(out, write):
+    """write(a partial path), then rename: a loader never sees a half-written file."""
+    partial = f"{out}.{os.getpid()}.partial{Path(out).suffix}"  # the suffix tells PyAV the container
+    try:
+        write(partial)
+        os.replace(partial, out)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _reencode_video(path, out, crf):
+    """Re-encode every frame of a video file as PREPARED_X264, keeping its timestamps; DataError if a
+    frame is missing or undecodable."""
+    def write(partial):
+        with VideoFile(path) as video, _reading(path, "video"), av.open(partial, "w", format="mp4") as dst:
+            src = video.stream
+            odd = src.codec_context.width % 2 or src.codec_context.height % 2
+            enc = dst.add_stream("libx264", rate=src.average_rate or src.guessed_rate,
+                                 options={"crf": str(crf), "x264-params": PREPARED_X264, "threads": "1"})
+            enc.width, enc.height = src.codec_context.width, src.codec_context.height
+            enc.pix_fmt = "yuv444p" if odd else "yuv420p"
+            enc.time_base = enc.codec_context.time_base = src.time_base
+            count = 0
+            for packet in video.packets + [None]:
+                for frame in src.codec_context.decode(packet):
+                    frame.pict_type = 0  # let x264 choose (it would copy the source's frame types)
+                    dst.mux(enc.encode(frame))
+                    count += 1
+            dst.mux(enc.encode(None))
+            if count < len(video):
+                raise DataError(f"{path}: {len(video) - count} of {len(video)} frames cannot be decoded (truncated or corrupt)")
+    _write_atomically(out, write)
+
+
+def _write_wav(path, out):
+    """The audio of any container as a 16 kHz mono 16-bit wav."""
+    pcm = (read_audio(path)[0].numpy() * 32768).round().clip(-32768, 32767).astype("<i2")
+
+    def write(partial):
+        with wave.open(partial, "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(SAMPLE_RATE)
+            f.writeframes(pcm.tobytes())
+    _write_atomically(out, write)
+
+
+def _prepare_sample(job):
+    """Write the prepared files of one sample that are not there yet: None, or the error message."""
+    sample, video_out, audio_out, crf = job
+    try:
+        try:
+            if video_out != sample.video and not os.path.exists(video_out):
+                _reencode_video(sample.video, video_out, crf)
+            if not os.path.exists(audio_out):
+                _write_wav(sample.audio or sample.video, audio_out)
+        except av.FFmpegError as e:  # the encoder or the muxer
+            raise DataError(f"{sample.video}: cannot write {video_out}: {e}") from None
+    except DataError as e:
+        return f"{sample.row}: {e}"
+    return None
+
+
+def _label_fields(target):
+    return [] if target is None else [str(target)] if isinstance(target, int) else [repr(x) for x in target]
+
+
+def prepare(manifest, out_dir, root_map=(), workers=1, task=None, crf=23):
+    """Write the prepared copy of a manifest's samples into out_dir (as described above), then its
+    manifest, out_dir/<the manifest's name> (and classes.txt when one is beside the manifest). Files
+    already there are kept, so a killed run continues; run one prepare per folder at a time. Rows
+    that cannot be read are printed as `check` prints them and left out of the prepared manifest. A
+    frame folder stays where it is (its frames are read one by one already); its audio is converted.
+    Progress and the time left go to stderr on one line. Returns (the manifest's path, failed rows)."""
+    task = task or guess_task(manifest)
+    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(out_dir)
+    for name in os.listdir(out_dir):  # what a killed run was writing
+        if ".partial" in name:
+            os.remove(os.path.join(out_dir, name))
+    errors = []
+    samples = read_manifest(manifest, root_map, task, errors=errors)
+    for e in errors:
+        print(e, flush=True)
+    jobs = [(s, s.video if os.path.isdir(s.video) else _prepared_name(s.video, out_dir, ".mp4"),
+             _prepared_name(s.audio or s.video, out_dir, ".wav"), crf) for s in samples]
+    rows, failed, start = [], len(errors), time.perf_counter()
+    # spawn: a forked copy of a process with threads (torch's, FFmpeg's) can hang
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
+        results = pool.imap(_prepare_sample, jobs) if pool else map(_prepare_sample, jobs)
+        for done, ((sample, video, audio, _), error) in enumerate(zip(jobs, results), 1):
+            if error:
+                print(error, flush=True)
+                failed += 1
+            else:
+                rows.append(" ".join([os.path.relpath(video, out_dir) if video.startswith(out_dir) else video,
+                                      os.path.relpath(audio, out_dir)] + _label_fields(sample.target)) + "\n")
+            elapsed = time.perf_counter() - start
+            print(f"\rprepared {done}/{len(jobs)} rows ({failed} failed) in {elapsed:.0f} s, "
+                  f"{(len(jobs) - done) * elapsed / done:.0f} s left ", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    out = os.path.join(out_dir, os.path.basename(manifest))
+    _write_atomically(out, lambda partial: Path(partial).write_text("".join(rows)))
+    classes = Path(manifest).parent / "classes.txt"
+    if classes.exists():
+        _write_atomically(os.path.join(out_dir, "classes.txt"), lambda partial: shutil.copyfile(classes, partial))
+    print(f"{len(rows)} ok, {failed} failed (left out)")
+    print(out)
+    return out, failed
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. The built-in demo data set
 # Synthetic talking faces, built so that what pre-training can learn is there to learn, and so that a
 # class cannot be read off trivial statistics of one modality:
 #   - the class (4 emotions) shows in the face as large shapes (mouth curve, brow angle), and in the
@@ -912,7 +1201,7 @@ def write_demo(out_dir, seed=0, num_train=240, num_test=80):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Command line
+# 10. Command line
 
 def _dataset_for(samples, task, **kwargs):
     """The training data set of a task, as the training scripts build it."""
@@ -988,20 +1277,45 @@ def scan(root, out, audio_root=None):
     return len(videos)
 
 
-def bench(manifest, root_map=(), workers=0, batch_size=8, num_batches=20, task=None):
-    """Print the loader's decoded clips per second over num_batches batches (after one warm-up)."""
+class _Timed(torch.utils.data.Dataset):
+    """Items of a data set with `cpu_s`: the CPU time of the process that made the item."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        start = time.process_time()
+        item = self.dataset[index]
+        return dict(item, cpu_s=time.process_time() - start)
+
+
+def bench(manifest, root_map=(), workers=0, batch_size=8, num_batches=20, task=None, modality="av"):
+    """Print the loader's clips per second over num_batches batches (after one warm-up), and the clips
+    per second one core makes: 1 / the mean CPU time of an item in its worker's process (one thread,
+    as the loader's workers run), which stays comparable on a busy machine. Returns clips/s."""
     task = task or guess_task(manifest)
-    dataset = _dataset_for(read_manifest(manifest, root_map, task), task)
+    kwargs = dict(modality=modality) if task != "pretrain" else {}
+    dataset = _Timed(_dataset_for(read_manifest(manifest, root_map, task), task, **kwargs))
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=(num_batches + 1) * batch_size,
                                              generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
-    batches = iter(loader)
-    next(batches)
-    start = time.perf_counter()
-    clips = sum(len(batch["index"]) for batch in batches)
-    seconds = time.perf_counter() - start
-    print(f"{task}: {clips} clips in {seconds:.1f} s = {clips / seconds:.1f} clips/s "
-          f"({workers} workers, batch {batch_size})")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader's worker
+    try:
+        batches = iter(loader)
+        next(batches)
+        start, cpu = time.perf_counter(), []
+        for batch in batches:
+            cpu += batch["cpu_s"].tolist()
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    clips, per_item = len(cpu), sum(cpu) / len(cpu)
+    print(f"{task}: {clips} clips in {seconds:.1f} s = {clips / seconds:.1f} clips/s with {workers} workers "
+          f"(batch {batch_size}); {per_item * 1000:.1f} ms CPU per item = {1 / per_item:.1f} clips/s per core")
     return clips / seconds
 
 
@@ -1023,13 +1337,25 @@ def main(argv=None):
     p.add_argument("root")
     p.add_argument("--out", required=True)
     p.add_argument("--audio_root", help="a parallel tree of .m4a/.wav files with the same relative names")
-    p = commands.add_parser("bench", help="print the loader's clips per second")
+    p = commands.add_parser("prepare", help="write a copy of a data set laid out for the clip sampler; "
+                            "the last line printed is its manifest")
     p.add_argument("manifest")
-    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=root_map_arg)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--num_batches", type=int, default=20)
+    p.add_argument("--out", required=True, help="folder of the prepared copy")
+    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=root_map_arg,
+                   help="replace the path prefix OLD by NEW (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--task", choices=TASKS, help="default: from the first row")
+    p.add_argument("--crf", type=int, default=23, help="x264's quality, lower is better and larger (default 23)")
+    p = commands.add_parser("bench", help="print the loader's clips per second, and per core from CPU time")
+    p.add_argument("manifest")
+    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=root_map_arg,
+                   help="replace the path prefix OLD by NEW (repeatable)")
+    p.add_argument("--workers", type=int, default=0, help="loader workers (default 0: in this process)")
+    p.add_argument("--batch_size", type=int, default=8, help="default 8")
+    p.add_argument("--num_batches", type=int, default=20, help="batches timed after one warm-up (default 20)")
+    p.add_argument("--task", choices=TASKS, help="pretrain: pre-training items; classification or regression: "
+                   "fine-tuning training items (default: from the first row)")
+    p.add_argument("--modality", choices=MODALITIES, default="av", help="fine-tuning items' modality (default av)")
     args = parser.parse_args(argv)
 
     if args.command == "check":
@@ -1042,7 +1368,11 @@ def main(argv=None):
     elif args.command == "scan":
         scan(args.root, args.out, args.audio_root)
     elif args.command == "bench":
-        bench(args.manifest, parse_root_map(args.root_map), args.workers, args.batch_size, args.num_batches, args.task)
+        bench(args.manifest, parse_root_map(args.root_map), args.workers, args.batch_size, args.num_batches, args.task,
+              args.modality)
+    elif args.command == "prepare":
+        return 1 if prepare(args.manifest, args.out, parse_root_map(args.root_map), args.workers, args.task,
+                            args.crf)[1] else 0
     return 0
 
 

@@ -51,7 +51,7 @@ from torchvision.io import write_png
 import data
 from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, HiCMAEConfig, authors_config, convert_official,
                    load_checkpoint, load_weights, model_state, reconstruction_targets)
-from pretrain import HelpFormatter, autocast, default_workers, demo_manifests, pretrain_dataset, setup
+from pretrain import HelpFormatter, autocast, default_workers, demo_manifests, pretrain_dataset, setup, to_device
 
 # ----------------------------------------------------------------------------------------------
 # 1. Metrics
@@ -610,8 +610,8 @@ def reconstruction_vs_constant(pretrain_model, samples, cfg, sampling_rate, batc
     pretrain_model.eval()
     sums = {}
     for batch in loader:
-        video, audio = batch["video"].to(device), batch["audio"].to(device)
-        vm, am = batch["video_mask"].to(device), batch["audio_mask"].to(device)
+        batch = to_device(batch, device)
+        video, audio, vm, am = batch["video"], batch["audio"], batch["video_mask"], batch["audio_mask"]
         out = pretrain_model(video, audio, vm, am)
         for name, pred, target in zip(("video", "audio"), (out["video_pred"], out["audio_pred"]),
                                       reconstruction_targets(video, audio, vm, am, cfg)):

@@ -193,16 +193,17 @@ def mix(video, audio, target, args):
 
     Mixup blends the clips, the spectrograms and the targets with lam. Cutmix pastes the partner's
     box into every frame; lam becomes the share of the frame left as it was, and the spectrograms
-    and the targets are blended with that lam. --mix_audio_as_authors leaves the audio unmixed."""
+    and the targets are blended with that lam. --mix_audio_as_authors leaves the audio unmixed.
+    A modality left out (None, --modality) stays None; without video, cutmix keeps the lam it drew."""
     lam, use_cutmix = draw_mix(args)
-    if use_cutmix:
+    if use_cutmix and video is not None:
         top, bottom, left, right = cutmix_box(*video.shape[-2:], lam)
         video = video.clone()
         video[..., top:bottom, left:right] = video.flip(0)[..., top:bottom, left:right]
         lam = 1 - (bottom - top) * (right - left) / (video.shape[-2] * video.shape[-1])
-    elif lam < 1:
+    elif not use_cutmix and lam < 1 and video is not None:
         video = lam * video + (1 - lam) * video.flip(0)
-    if lam < 1 and not args.mix_audio_as_authors:
+    if lam < 1 and audio is not None and not args.mix_audio_as_authors:
         audio = lam * audio + (1 - lam) * audio.flip(0)
     return video, audio, soft_targets(target, args.num_outputs, lam, args.smoothing)
 
@@ -212,7 +213,7 @@ def mix(video, audio, target, args):
 
 def finetuning_loss_fn(args):
     def compute(model, batch):
-        video, audio, target = batch["video"], batch["audio"], batch["target"]
+        video, audio, target = batch.get("video"), batch.get("audio"), batch["target"]
         if args.task == "regression":
             return dict(loss=F.mse_loss(model(video, audio).float(), target.float()))
         video, audio, soft = mix(video, audio, target, args)

@@ -446,16 +446,21 @@ def ignore_stop_signals(worker_id):
 
 
 def make_loader(dataset, args, env, train=True):
+    """The loader of a data set: pinned batches on CUDA, and workers that persist across epochs
+    (starting them costs seconds per epoch, which dominated short epochs; the data set's set_epoch
+    reaches them through shared memory)."""
     sampler = ResumableSampler(dataset, env, shuffle=train, seed=args.seed, drop_last=train)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=env.device.type == "cuda", drop_last=train, persistent_workers=False,
+        pin_memory=env.device.type == "cuda", drop_last=train, persistent_workers=args.num_workers > 0,
         worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(args.seed))  # keeps the loader off the global RNG
 
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """A batch on the device, its uint8 video normalised there (data.normalize_batch)."""
+    return data.normalize_batch({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                                 for k, v in batch.items()})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,13 +67,13 @@ class Media:
         self.root = root
 
     def video(self, name, num_frames, fps=25, codec="libx264", audio=None, faststart=False,
-              width=WIDTH, height=HEIGHT):
+              width=WIDTH, height=HEIGHT, options=None):
         """A video whose frame i shows index i. `audio`: (codec, rate, samples (channels, n)) muxed
-        into the same container, or None for a video without audio."""
+        into the same container, or None for a video without audio; `options`: the encoder's."""
         path = self.root / name
-        options = {"movflags": "faststart"} if faststart else {}
-        with av.open(str(path), "w", options=options) as container:
-            stream = container.add_stream(codec, rate=fractions.Fraction(fps))
+        muxer = {"movflags": "faststart"} if faststart else {}
+        with av.open(str(path), "w", options=muxer) as container:
+            stream = container.add_stream(codec, rate=fractions.Fraction(fps), options=options or {})
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
             if audio is not None:

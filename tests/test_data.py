@@ -14,6 +14,7 @@ import torch
 
 import data
 from data import DataError, Sample
+from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -64,18 +65,18 @@ def test_video_file_frames_in_display_order(media, name, codec, fps):
 
 
 def test_video_read_retries_from_start_then_names_the_missing_frame(media, monkeypatch):
-    video = data.open_video(media.video("a.mp4", 90))
+    video = data.open_video(media.video("a.mp4", 90, options={"x264-params": "keyint=10:min-keyint=10:scenecut=0"}))
     decode, calls = data.VideoFile._decode, []
 
-    def seek_misses(self, wanted, seek, last):  # a seek that lands after the first wanted frame
-        calls.append(seek)
-        frames = decode(self, wanted, seek, last)
-        return {pts: f for pts, f in frames.items() if pts != self.pts[40]} if seek is not None else frames
+    def seek_misses(self, wanted, begin):  # a keyframe that lands after the first wanted frame
+        calls.append(begin)
+        frames = decode(self, wanted, begin)
+        return {pts: f for pts, f in frames.items() if pts != self.pts[40]} if begin else frames
 
     monkeypatch.setattr(data.VideoFile, "_decode", seek_misses)
     assert media.ids(video.read([40, 44, 48])) == [40, 44, 48]
-    assert calls == [video.pts[40], None]
-    monkeypatch.setattr(data.VideoFile, "_decode", lambda self, wanted, seek, last: {})
+    assert len(calls) == 2 and calls[0] > 0 and calls[1] == 0
+    monkeypatch.setattr(data.VideoFile, "_decode", lambda self, wanted, begin: {})
     with pytest.raises(DataError, match=r"a.mp4: frame 40 of 90 cannot be decoded"):
         video.read([40, 44])
 
@@ -312,17 +313,57 @@ def test_authors_test_views_stretch_the_whole_frame():
     assert a[0, 0, 0, 20] in (80, 81, 82)  # the middle column
 
 
+def _on_device(video, box):
+    """normalize_batch of one item's uint8 frames (T, 3, H, W) and erasing box, as frames again (the
+    erasing noise drawn from a seeded global generator, as in training, where the seed is --seed)."""
+    with data.seeded_global_rng(torch.Generator().manual_seed(0)):
+        return data.normalize_batch(dict(video=video.permute(1, 0, 2, 3)[None], erase=box[None]))["video"][0].permute(1, 0, 2, 3)
+
+
 def test_finetune_transform_is_one_transform_per_clip():
     image = torch.randint(0, 256, (1, 3, 48, 80), dtype=torch.uint8)
     with data.seeded_global_rng(torch.Generator().manual_seed(0)):
-        out = data.finetune_train_transform(32, erase_prob=1.0)(image.repeat(4, 1, 1, 1))
-    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
-    assert (out == out[0]).all()  # the same crop, flip, RandAugment ops and erased box in every frame
+        out = data.finetune_train_transform(32)(image.repeat(4, 1, 1, 1))
+        box = data.erasing_box(out, 1.0)
+    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
+    assert (out == out[0]).all()  # the same crop, flip and RandAugment ops in every frame
+    video = _on_device(out, box)
+    assert video.dtype == torch.float32 and (video == video[0]).all()  # and the same erased box
     grey = torch.full((2, 3, 40, 40), 128, dtype=torch.uint8)
     for erase_prob, erased in ((0.0, False), (1.0, True)):
         with data.seeded_global_rng(torch.Generator().manual_seed(0)):
-            out = data.finetune_train_transform(32, rand_ops=0, erase_prob=erase_prob)(grey)
-        assert bool(out.std(dim=(2, 3)).gt(0.1).all()) == erased  # erasing writes random values
+            out = data.finetune_train_transform(32, rand_ops=0)(grey)
+            box = data.erasing_box(out, erase_prob)
+        assert bool((_on_device(out, box) != data.normalize(out)).any()) == erased  # erasing writes random values
+
+
+def test_normalising_and_erasing_on_the_device_equal_the_transform_on_the_host():
+    """The uint8 item and its erasing box, normalised and erased in the training step, equal torchvision's
+    normalisation and RandomErasing(value="random") on the host outside the box, with the same box, and
+    leave the global generator where the host transform left it (so the audio draws are unchanged)."""
+    frames = torch.randint(0, 256, (4, 3, 48, 80), dtype=torch.uint8)
+    host = v2.Compose([data.finetune_train_transform(32, rand_ops=2), v2.Lambda(data.normalize),
+                       v2.RandomErasing(p=0.7, value="random")])
+    erased = 0
+    for seed in range(8):
+        with data.seeded_global_rng(torch.Generator().manual_seed(seed)):
+            expected, after = host(frames), torch.rand(1)
+        with data.seeded_global_rng(torch.Generator().manual_seed(seed)):
+            video = data.finetune_train_transform(32, rand_ops=2)(frames)
+            box, after_ours = data.erasing_box(video, 0.7), torch.rand(1)
+        assert torch.equal(after, after_ours)
+        top, left, height, width = box.tolist()
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[top:top + height, left:left + width] = True
+        got = _on_device(video, box)
+        assert torch.equal(got[..., ~inside], expected[..., ~inside])
+        if height:
+            erased += 1
+            assert not torch.equal(got[..., inside], expected[..., inside])  # noise, from another generator
+            assert not torch.isclose(expected[..., inside], data.normalize(video)[..., inside]).all()  # the host erased it too
+        else:
+            assert torch.equal(expected, data.normalize(video))  # the host erased nothing either
+    assert 0 < erased < 8
 
 
 def test_audio_augmentation():
@@ -497,7 +538,11 @@ def test_demo_then_check_and_bench(tmp_path, capsys):
     again, _ = data.write_demo(tmp_path / "again", seed=0, num_train=4, num_test=4)
     first = lambda manifest: Path(open(manifest).readline().split()[0]).read_bytes()
     assert first(train) == first(again)  # deterministic for a seed
-    assert data.bench(train, batch_size=2, num_batches=1) > 0
+    capsys.readouterr()
+    assert data.bench(train, batch_size=2, num_batches=1, task="pretrain") > 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"pretrain: 2 clips in .* clips/s with 0 workers \(batch 2\); [\d.]+ ms CPU per item = "
+                        r"[\d.]+ clips/s per core", last), last
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,7 +559,7 @@ def test_a_one_modality_sample_reads_only_its_stream(media):
         (frames, window), = data.load_clips(sample, num_frames=4, sampling_rate=2, audio_frames=32, modality="audio")
         # 4 s at 25 frames per second: 100 frames; the clip is frames 46, 48, 50, 52 and its audio runs
         # from frame 46 to 54, 1.84 s to 2.16 s
-        assert frames.shape[0] == 4 and window.shape == (1, 8 * 640)
+        assert frames is None and window.shape == (1, 8 * 640)  # an audio model decodes no frames
         assert window[0, 0].item() == pytest.approx(1.84 / 4, abs=1e-4)
     with pytest.raises(DataError, match="no audio stream"):  # both streams for an audio-visual model, as before
         data.load_clips(Sample(silent, None, 0, "m:5"), num_frames=4, sampling_rate=2, audio_frames=32)
