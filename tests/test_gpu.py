@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import data
 from model import HiCMAE, HiCMAEClassifier, load_checkpoint, load_weights, make_config, pretrain_loss
 from pretrain import pretraining_loss_fn
-from test_parity import FIXTURE, assert_close, fixture_config
+from test_parity import FIXTURE, assert_bf16_close, assert_close, fixture_config, losses_and_grads
 from test_pretrain import TINY, logged, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -45,32 +45,6 @@ def test_float32_on_the_gpu_equals_the_authors_tensors(ref):
     with torch.no_grad():
         logits = classifier(x["video"], x["audio"])
     assert_close("logits", logits.cpu(), ref["finetune_outputs"]["logits"])
-
-
-def losses_and_grads(model, x, cfg, bf16):
-    model.zero_grad()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        out = model(x["video"], x["audio"], x["video_mask"], x["audio_mask"])
-        losses = pretrain_loss(out, x["video"], x["audio"], x["video_mask"], x["audio_mask"], cfg)
-    losses["loss"].backward()
-    return out, losses, {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def assert_bf16_close(fp32, grads32, bf16, grads16):
-    """The tolerances of test_parity's CPU bf16 test, for the same reasons (its docstring): the
-    reconstruction losses within 1%, HCMCL within 0.05, the gradient's direction (cosine) above 0.999
-    overall and above 0.98 for every tensor."""
-    for k in ("loss", "loss_video", "loss_audio"):
-        assert bf16[k].dtype == torch.float32 and bf16[k].item() == pytest.approx(fp32[k].item(), rel=0.01), k
-    assert bf16["loss_hcmcl"].item() == pytest.approx(fp32["loss_hcmcl"].item(), abs=0.05)
-    for g in grads16.values():
-        assert torch.isfinite(g).all()
-    cosine = torch.nn.functional.cosine_similarity
-    flat32, flat16 = (torch.cat([g[n].flatten() for n in grads32]) for g in (grads32, grads16))
-    assert cosine(flat16, flat32, dim=0) > 0.999
-    per_tensor = {n: cosine(grads16[n].flatten(), grads32[n].flatten(), dim=0).item() for n in grads32}
-    worst = min(per_tensor, key=per_tensor.get)
-    assert per_tensor[worst] > 0.98, (worst, per_tensor[worst])
 
 
 def test_bf16_autocast_pretraining_and_finetuning_stay_near_float32(ref):
