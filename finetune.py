@@ -343,7 +343,8 @@ def main(argv=None):
         if tester.best_epoch is not None:
             log(f"best epoch {tester.best_epoch} by {tester.key.upper()} on the test split (as the authors "
                 f"select): {metric_text(tester.best, args.task)}, in {args.output_dir}/best.pth")
-        log(f"done in {time.time() - t0:.0f} s: checkpoints and predictions in {args.output_dir}/")
+        written = sorted(p.name for p in Path(args.output_dir).iterdir() if p.is_file() and p.stat().st_mtime >= t0)
+        log(f"done in {time.time() - t0:.0f} s; written in {args.output_dir}/: {', '.join(written)}")
     if env.ddp:
         del model  # free DDP before its process group: freed after it, a rank sometimes hung at exit (gloo)
         dist.destroy_process_group()

@@ -413,6 +413,8 @@ def test_first_lines_epochs_units_and_a_rerun_of_another_configuration(demo, tmp
     test_line = next(line for line in printed.splitlines() if line.startswith("epoch 1 test |"))
     assert re.search(r"\| best UAR \d+\.\d\d% \(epoch 1\)$", test_line), test_line  # one unit: percent
     assert re.search(r"best epoch 1 by UAR on the test split .*: \d+\.\d\d%, in ", printed)
+    assert re.search(r"written in \S+/: best\.pth, checkpoint-001\.pth, last\.pth, log\.jsonl, "
+                     r"predictions-best\.csv, predictions-last\.csv$", printed, re.M)  # every file the run wrote
     with pytest.raises(SystemExit) as exit_:  # the folder holds an audio-visual run
         finetune.main(common + ["--epochs", "2", "--modality", "audio"])
     message = str(exit_.value)
