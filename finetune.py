@@ -31,8 +31,8 @@ from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEY
 from model import HiCMAEClassifier, HiCMAEConfig, authors_config, configure_optimizer, load_checkpoint, model_state
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
-                      check_output_dir, demo_manifests, make_loader, model_config, parse_args, resume_path,
-                      save_checkpoint, setup, train)
+                      broadcast_object, check_output_dir, demo_manifests, make_loader, model_config, parse_args,
+                      resume_path, save_checkpoint, setup, train)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Arguments: the authors' recipe as defaults (SPEC section 5)
@@ -260,8 +260,12 @@ class Tester:
         indices, scores, _ = predict(self.model, self.loader, self.args.task, self.env.device,
                                      lambda: autocast(self.args, self.env))
         self.tested = True
-        if not self.env.master:
-            return
+        error = self.record(epoch, indices, scores, select) if self.env.master else None
+        if broadcast_object(error, self.env):  # a failed save of best.pth stops every rank, in one line
+            raise SystemExit(error)
+
+    def record(self, epoch, indices, scores, select):
+        """Rank 0: metrics, predictions and best.pth. Returns the error of a failed save, else None."""
         args, rows = self.args, [self.samples[i] for i in indices.tolist()]
         targets = torch.tensor([s.target for s in rows])
         metrics = compute_metrics(scores, targets, args.task, args.class_names)
@@ -271,9 +275,12 @@ class Tester:
         score = metrics[self.key]
         if select and score > self.best:  # NaN never wins
             self.best, self.best_epoch = score, epoch
-            save_checkpoint(self.out / "best.pth", dict(
-                model=self.model.state_dict(), args=vars(args), model_config=asdict(self.model.cfg),
-                epoch=epoch, score=score, metrics={k: metrics[k] for k in self.scalar_keys()}))
+            try:
+                save_checkpoint(self.out / "best.pth", dict(
+                    model=self.model.state_dict(), args=vars(args), model_config=asdict(self.model.cfg),
+                    epoch=epoch, score=score, metrics={k: metrics[k] for k in self.scalar_keys()}))
+            except OSError as e:
+                return str(e)
             shutil.copyfile(self.out / "predictions-last.csv", self.out / "predictions-best.csv")
         best = (f"best {self.key.upper()} {metric_text(self.best, args.task)} (epoch {self.best_epoch})"
                 if self.best_epoch is not None else "")

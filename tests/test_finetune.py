@@ -427,3 +427,16 @@ def test_first_lines_epochs_units_and_a_rerun_of_another_configuration(demo, tmp
     printed = capsys.readouterr().out
     assert f"resumed from {out / 'last.pth'} at the start of epoch 1 (step 2)" in printed
     assert "epoch 1 step 4/4" in printed and (out / "checkpoint-001.pth").exists()
+
+
+def test_a_failed_save_of_best_pth_stops_in_one_line(demo, tmp_path):
+    out = tmp_path / "run"
+    (out / "best.pth").mkdir(parents=True)  # a folder in its place: the rename onto it fails
+    (out / "best.pth" / "keep").write_text("")
+    command = TINY + PLAIN + ["--data_path", demo["train"], "--test_path", demo["test"], "--output_dir", str(out),
+                              "--num_clips", "1", "--num_crops", "1", "--epochs", "1"]
+    with pytest.raises(SystemExit) as exit_:
+        finetune.main(command)
+    message = str(exit_.value)
+    assert message.startswith(f"could not save {out / 'best.pth'}: ") and "MB needed" in message, message
+    assert "\n" not in message and not (out / "best.pth.tmp").exists()
