@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of HiCMAE (paper Sec. 3.4, Eq. 12; recipe Sec. 4.1 and SPEC section 5).
+"""Supervised fine-tuning of HiCMAE (paper Sec. 3.4, Eq. 12; recipe Sec. 4.1).
 
     python finetune.py                                       # the built-in demo: demo data, small model, any device
     torchrun --nproc_per_node=4 finetune.py --data_path crema-d/train.csv --test_path crema-d/test.csv \\
@@ -35,7 +35,7 @@ from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_
                       resume_path, save_checkpoint, setup, train)
 
 # ----------------------------------------------------------------------------------------------
-# 1. Arguments: the authors' recipe as defaults (SPEC section 5)
+# 1. Arguments: the authors' recipe as defaults (paper Sec. 4.1 and their fine-tuning scripts)
 
 PRETRAIN_ONLY = ("decoder_dim", "decoder_heads", "decoder_depth", "skip_connections", "video_mask_ratio",
                  "audio_mask_ratio", "temperature", "hcmcl_weight", "normalize_target", "frame_diff_target")
@@ -132,7 +132,7 @@ def train_set(samples, args, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Model and optimiser: layer-wise learning-rate decay (SPEC 5)
+# 3. Model and optimiser: layer-wise learning-rate decay (paper Sec. 4.1)
 
 def run_config(args):
     """The model's configuration: the flags over the --size preset; for an authors' fine-tuned --init
@@ -160,7 +160,7 @@ def build_optimizer(model, args, device_type):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Mixup and cutmix on both modalities with one coefficient (SPEC 4)
+# 4. Mixup and cutmix on both modalities with one coefficient
 # As timm's Mixup in 'batch' mode (the authors'): one lambda per batch, sample i mixed with sample
 # B-1-i. Randomness comes from torch's global generator, seeded per rank and saved in checkpoints.
 

@@ -89,7 +89,7 @@ class HiCMAEConfig:
         return (self.audio_frames // self.patch_size) * (self.mel_bins // self.patch_size)
 
     @property
-    def num_visible(self):  # visible tokens per modality during pre-training (SPEC 2: masking)
+    def num_visible(self):  # visible tokens per modality during pre-training (Sec. 3.1.1: masking)
         t, s = self.video_grid
         return t * (s - int(self.video_mask_ratio * s)), self.num_audio_tokens - int(self.audio_mask_ratio * self.num_audio_tokens)
 

@@ -1,4 +1,4 @@
-"""Self-supervised pre-training of HiCMAE (paper Sec. 3; recipe Sec. 4.1 and SPEC section 5).
+"""Self-supervised pre-training of HiCMAE (paper Sec. 3; recipe Sec. 4.1).
 
     python pretrain.py                                       # the built-in demo: demo data, small model, any device
     torchrun --nproc_per_node=4 pretrain.py --data_path vox2_dev.csv --output_dir runs/hicmae_b

@@ -17,7 +17,7 @@ from data import DataError, Sample
 from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference"
+FIXTURES = ROOT / "tests" / "fixtures"
 SMALL = dict(img_size=64, num_frames=4, sampling_rate=2, audio_frames=128, num_mel_bins=64)
 
 
@@ -25,8 +25,8 @@ SMALL = dict(img_size=64, num_frames=4, sampling_rate=2, audio_frames=128, num_m
 # Features and audio
 
 def test_fbank_matches_reference():
-    expected = torch.load(REFERENCE / "fbank_reference.pt", weights_only=True)
-    waveform = data.read_audio(str(REFERENCE / "speech_16k.wav"))
+    expected = torch.load(FIXTURES / "fbank_reference.pt", weights_only=True)
+    waveform = data.read_audio(str(FIXTURES / "speech_16k.wav"))
     assert waveform.shape == (1, expected["num_samples"])
     torch.testing.assert_close(data.fbank(waveform), expected["full_file"], atol=1e-4, rtol=0)
     torch.testing.assert_close(data.fbank(waveform[:, :16000]), expected["first_second"], atol=1e-4, rtol=0)
@@ -158,9 +158,10 @@ def test_short_clip_and_whole_file_fallback(media):
 def test_test_views_equal_the_authors():
     """What the authors' CREMA-D test pipeline returned for two frame folders (75 frames, and a short
     clip of 40): the same frames, pixels within one grey level, audio features (gain 1) within 1e-4."""
-    expected = torch.load(REFERENCE / "authors_test_views.pt", weights_only=True)
-    settings, media_dir = expected["settings"], REFERENCE / "authors_test_views_media"
-    grey_level = 1 / (255 * torch.tensor(settings["video_std"]).view(3, 1, 1, 1))  # per channel, normalised
+    expected = torch.load(FIXTURES / "authors_test_views.pt", weights_only=True)
+    settings, media_dir = expected["settings"], FIXTURES / "authors_test_views_media"
+    mean, std = (torch.tensor(settings[k]).view(3, 1, 1, 1) for k in ("video_mean", "video_std"))
+    grey_level = 1 / (255 * std)  # per channel, normalised
     for sample in expected["samples"]:
         views = sample["views"]
         row = Sample(str(media_dir / sample["name"]), str(media_dir / sample["wav_file"]), sample["label"], "t.csv:1")
@@ -176,7 +177,8 @@ def test_test_views_equal_the_authors():
         assert len(item["video"]) == len(views)
         for ours, view in zip(range(len(views)), views):  # both clip-major: segment, then crop
             assert (view["segment"], view["crop"]) == divmod(ours, settings["test_num_crop"])
-            assert ((item["video"][ours] - view["video"]).abs() <= grey_level + 1e-6).all(), sample["name"]
+            theirs = (view["video_uint8"] / 255 - mean) / std  # their float32 tensor, bit for bit (fixtures/README.md)
+            assert ((item["video"][ours] - theirs).abs() <= grey_level + 1e-6).all(), sample["name"]
             torch.testing.assert_close(item["audio"][ours], view["audio_unit_gain"], atol=1e-4, rtol=0)
 
 

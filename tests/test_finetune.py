@@ -128,9 +128,9 @@ def test_no_mixing_gives_smoothed_one_hot_targets():
 
 
 # ----------------------------------------------------------------------------------------------
-# Layer-wise learning-rate decay (SPEC 5): layer id i gets 0.75^(Ns + Nf + 1 - i)
+# Layer-wise learning-rate decay (paper Sec. 4.1, the authors' code): layer id i gets 0.75^(Ns + Nf + 1 - i)
 
-LAYER_IDS = [  # name prefix -> layer id for depth 2 and fusion depth 1, written out from SPEC 5
+LAYER_IDS = [  # name prefix -> layer id for depth 2 and fusion depth 1, written out by hand
     ("video_encoder.patch_embed.", 0), ("audio_encoder.patch_embed.", 0),
     ("video_encoder.blocks.0.", 1), ("audio_encoder.blocks.0.", 1),
     ("video_encoder.blocks.1.", 2), ("audio_encoder.blocks.1.", 2),

@@ -12,14 +12,14 @@ from model import (FUSION_FLOWS, SIZES, Encoder, HiCMAE, HiCMAEClassifier, autho
                    convert_official, count_macs, count_params, load_checkpoint, load_weights, make_config,
                    param_groups, pretrain_loss, sincos_table)
 
-# SPEC section 2 (the paper's Tables 2-12, checked against the authors' code)
-SPEC_PARAMS = {  # millions: A+V fine-tuning (6 classes), video encoder, audio encoder, pre-training
+# The paper's Tables 2-12 (parameters and MACs; the authors' code gives the same)
+PAPER_PARAMS = {  # millions: A+V fine-tuning (6 classes), video encoder, audio encoder, pre-training
     "tiny": (20.47, 8.29, 7.96, 22.75),
     "small": (45.65, 18.33, 17.84, 50.58),
     "base": (80.79, 32.31, 31.65, 99.61),
 }
-REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_keys_base.txt"
-SPEC_MACS = {"tiny": (13.8, 9.9, 1.10), "small": (27.6, 19.5, 2.40), "base": (46.1, 32.3, 4.21)}  # G: A+V, V, A
+REFERENCE_KEYS = Path(__file__).parent / "fixtures" / "official_keys_base.txt"
+PAPER_MACS = {"tiny": (13.8, 9.9, 1.10), "small": (27.6, 19.5, 2.40), "base": (46.1, 32.3, 4.21)}  # G: A+V, V, A
 
 
 def small_config(**overrides):
@@ -47,12 +47,12 @@ def inputs(cfg, batch):
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_parameters_and_macs_equal_the_paper(size):
     cfg = make_config(size)
-    av, video, audio, pretrain = SPEC_PARAMS[size]
+    av, video, audio, pretrain = PAPER_PARAMS[size]
     assert round(count_params(HiCMAEClassifier(cfg, "av", 6)) / 1e6, 2) == av
     assert round(count_params(Encoder(cfg, "video")) / 1e6, 2) == video
     assert round(count_params(Encoder(cfg, "audio")) / 1e6, 2) == audio
     assert round(count_params(HiCMAE(cfg)) / 1e6, 2) == pretrain
-    macs_av, macs_v, macs_a = SPEC_MACS[size]
+    macs_av, macs_v, macs_a = PAPER_MACS[size]
     assert round(count_macs(cfg, "av") / 1e9, 1) == macs_av
     assert round(count_macs(cfg, "video") / 1e9, 1) == macs_v
     assert round(count_macs(cfg, "audio") / 1e9, 2) == macs_a

@@ -1,6 +1,6 @@
-"""Parity with the authors' code: tensors their implementation computed (../shared/reference/).
+"""Parity with the authors' code: tensors their implementation computed (tests/fixtures/, see its README).
 
-The fixture is read from HICMAE_PARITY_FIXTURE (default ../shared/reference/official_tiny.pt); every
+The fixture is read from HICMAE_PARITY_FIXTURE (default tests/fixtures/official_tiny.pt); every
 dimension, depth, selected layer, ratio, temperature, loss weight and class count comes from it.
 The checkpoints saved the authors' way lie beside a fixture NAME.pt as NAME_checkpoint-99.pth
 (pre-training) and NAME_finetuned_checkpoint-best.pth (fine-tuning); the tests that need one skip
@@ -18,8 +18,8 @@ from model import (HiCMAE, HiCMAEClassifier, HiCMAEConfig, authors_config, load_
                    pretrain_loss, reconstruction_targets)
 from pretrain import Env, start_state
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-FIXTURE = Path(os.environ.get("HICMAE_PARITY_FIXTURE", REFERENCE / "official_tiny.pt"))
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = Path(os.environ.get("HICMAE_PARITY_FIXTURE", FIXTURES / "official_tiny.pt"))
 
 
 def beside_fixture(suffix):

@@ -17,7 +17,7 @@ import pretrain
 from model import convert_official, load_checkpoint, model_state
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
+FIXTURES = REPO / "tests" / "fixtures"
 TINY = ["--device", "cpu", "--size", "tiny", "--img_size", "32", "--num_frames", "4", "--sampling_rate", "2",
         "--audio_frames", "32", "--mel_bins", "32", "--dim", "32", "--heads", "2", "--depth", "4",
         "--inter_layers", "1", "2", "3", "--fusion_depth", "1", "--decoder_dim", "16", "--decoder_heads", "2",
@@ -196,9 +196,9 @@ def test_init_from_the_authors_checkpoint(manifest, tmp_path):
     out = tmp_path / "init"
     stdout = run(*config, "--data_path", manifest, "--epochs", "1", "--batch_size", "4", "--base_lr", "0",
                  "--min_lr", "0", "--warmup_lr", "0", "--visualize_every", "0", "--output_dir", str(out),
-                 "--init", str(REFERENCE / "official_tiny_checkpoint-99.pth"))
+                 "--init", str(FIXTURES / "official_tiny_checkpoint-99.pth"))
     assert "initialised from" in stdout
-    theirs = convert_official(model_state(load_checkpoint(REFERENCE / "official_tiny_checkpoint-99.pth")))
+    theirs = convert_official(model_state(load_checkpoint(FIXTURES / "official_tiny_checkpoint-99.pth")))
     ours = weights(out / "last.pth")
     assert set(ours) == set(theirs)
     for k in ours:

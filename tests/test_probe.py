@@ -2,6 +2,8 @@
 baseline, on data where the answer is known; then the command on a tiny pre-training checkpoint."""
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ import data
 import evaluate
 import pretrain
 from model import make_config, reconstruction_targets
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def labelled_features(n, dim, informative, seed):
@@ -125,14 +129,12 @@ def test_probe_command_on_a_pretraining_checkpoint(demo, tmp_path, capsys):
 def test_probe_takes_the_authors_checkpoints(name, tmp_path):
     """Their fine-tuned and pre-training files (tiny fixture geometry, 4 heads) through --probe; a tiny
     manifest of frame folders at their 32 x 32 geometry stands in for a data set."""
-    from pathlib import Path
-    reference = Path(__file__).resolve().parents[2] / "shared" / "reference"
-    media = reference / "authors_test_views_media"
+    media = FIXTURES / "authors_test_views_media"
     rows = [f"{media / clip} {media / clip}.wav {label}" for clip, label in (("1001_DFA_ANG_XX", 0), ("1002_IEO_HAP_HI", 1))]
     manifest = tmp_path / "rows.csv"
     manifest.write_text("\n".join(rows * 2) + "\n")
     out = tmp_path / "probe.json"
-    evaluate.main(["--probe", "--checkpoint", str(reference / name), "--heads", "4", "--data_path", str(manifest),
+    evaluate.main(["--probe", "--checkpoint", str(FIXTURES / name), "--heads", "4", "--data_path", str(manifest),
                    "--test_path", str(manifest), "--json", str(out), "--num_workers", "0", "--device", "cpu",
                    "--random_seeds", "1", "--labels_per_class", "0", "--knn_k", "1"])
     results = json.loads(out.read_text())
@@ -143,8 +145,6 @@ def test_probe_takes_the_authors_checkpoints(name, tmp_path):
 
 
 def test_testing_the_authors_pretraining_checkpoint_says_what_to_do(tmp_path):
-    from pathlib import Path
-    reference = Path(__file__).resolve().parents[2] / "shared" / "reference"
     with pytest.raises(SystemExit, match=r"checkpoint-99\.pth: the authors' pre-training checkpoint has no head.*--probe"):
-        evaluate.main(["--checkpoint", str(reference / "official_tiny_checkpoint-99.pth"), "--heads", "4",
-                       "--video", str(reference / "authors_test_views_media" / "1001_DFA_ANG_XX"), "--device", "cpu"])
+        evaluate.main(["--checkpoint", str(FIXTURES / "official_tiny_checkpoint-99.pth"), "--heads", "4",
+                       "--video", str(FIXTURES / "authors_test_views_media" / "1001_DFA_ANG_XX"), "--device", "cpu"])
