@@ -43,7 +43,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from model import IMAGENET_MEAN, IMAGENET_STD  # the model's input normalisation, owned by model.py
+from model import IMAGENET_MEAN, IMAGENET_STD, HiCMAEConfig  # the model's input normalisation and geometry
 
 # ----------------------------------------------------------------------------------------------
 # 0. Constants and the error type
@@ -107,6 +107,13 @@ def root_map_arg(pair):
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return pair
+
+
+def add_root_map(parser):
+    """--root_map OLD=NEW, as every command that reads a manifest takes it."""
+    parser.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=root_map_arg,
+                        help="replace the path prefix OLD of the manifest's paths by NEW (repeatable; the first "
+                             "match wins)")
 
 
 def _resolve(path, root_map, base):
@@ -729,17 +736,17 @@ def spec_mask(feats, freqm, timem):
 # 7. Data sets
 
 class _ClipDataset(torch.utils.data.Dataset):
-    """What the pre-training and fine-tuning sets share: samples, clip geometry, seeding, and the
-    replacement of bad samples during training."""
+    """What the pre-training and fine-tuning sets share: samples, the clip geometry of the model's
+    configuration (cfg: img_size, num_frames, audio_frames, mel_bins), seeding, and the replacement of
+    bad samples during training."""
 
-    def __init__(self, samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
-                 seed, strict, max_retries, modality="av"):
+    def __init__(self, samples, cfg, sampling_rate, seed, strict, max_retries, modality="av"):
         if modality not in MODALITIES:
             raise ValueError(f"modality is one of {MODALITIES}, got {modality!r}")
         self.samples = list(samples)
         self.modality = modality
-        self.img_size, self.num_frames, self.sampling_rate = img_size, num_frames, sampling_rate
-        self.audio_frames, self.num_mel_bins = audio_frames, num_mel_bins
+        self.img_size, self.num_frames, self.sampling_rate = cfg.img_size, cfg.num_frames, sampling_rate
+        self.audio_frames, self.num_mel_bins = cfg.audio_frames, cfg.mel_bins
         self.seed, self.strict, self.max_retries = seed, strict, max_retries
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by persistent workers
 
@@ -781,14 +788,10 @@ class PretrainDataset(_ClipDataset):
     """Pre-training items: a clip with the multi-scale crop (uint8; normalize_batch normalises it on
     the device), the audio that follows it, and masks (tube masking for video, random masking for audio)."""
 
-    def __init__(self, samples, *, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
-                 num_mel_bins=128, patch_size=16, tubelet_size=2, video_mask_ratio=0.9,
-                 audio_mask_ratio=0.8, seed=0, strict=False, max_retries=10):
-        super().__init__(samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
-                         seed, strict, max_retries)
-        self.video_tokens = (num_frames // tubelet_size, (img_size // patch_size) ** 2)
-        self.audio_tokens = (audio_frames // patch_size) * (num_mel_bins // patch_size)
-        self.video_mask_ratio, self.audio_mask_ratio = video_mask_ratio, audio_mask_ratio
+    def __init__(self, samples, cfg, *, sampling_rate=4, seed=0, strict=False, max_retries=10):
+        super().__init__(samples, cfg, sampling_rate, seed, strict, max_retries)
+        self.video_tokens, self.audio_tokens = cfg.video_grid, cfg.num_audio_tokens
+        self.video_mask_ratio, self.audio_mask_ratio = cfg.video_mask_ratio, cfg.audio_mask_ratio
 
     def __getitem__(self, index):
         generator = item_generator(self.seed, self.epoch, index)
@@ -821,19 +824,17 @@ class FinetuneDataset(_ClipDataset):
     modality "audio" or "video": only that stream is read (load_clips); the other is black or silent.
     """
 
-    def __init__(self, samples, *, train, img_size=160, num_frames=16, sampling_rate=4, audio_frames=256,
-                 num_mel_bins=128, num_clips=2, num_crops=2, seed=0, strict=False, max_retries=10,
-                 scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25, roll_gain=True,
+    def __init__(self, samples, cfg, *, train, sampling_rate=4, num_clips=2, num_crops=2, seed=0, strict=False,
+                 max_retries=10, scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25, roll_gain=True,
                  freqm=0, timem=0, test_views="authors", modality="av"):
-        super().__init__(samples, img_size, num_frames, sampling_rate, audio_frames, num_mel_bins,
-                         seed, strict, max_retries, modality)
+        super().__init__(samples, cfg, sampling_rate, seed, strict, max_retries, modality)
         unlabelled = next((s.row for s in self.samples if s.target is None), None)
         if unlabelled and train:
             raise ValueError(f"{unlabelled}: fine-tuning needs a label on every row")
         if test_views not in TEST_VIEWS:
             raise ValueError(f"test views are one of {TEST_VIEWS}, got {test_views!r}")
         self.train, self.num_clips, self.num_crops, self.test_views = train, num_clips, num_crops, test_views
-        self.transform = finetune_train_transform(img_size, scale, rand_ops, rand_magnitude)
+        self.transform = finetune_train_transform(cfg.img_size, scale, rand_ops, rand_magnitude)
         self.erase_prob, self.roll_gain, self.freqm, self.timem = erase_prob, roll_gain, freqm, timem
 
     def __getitem__(self, index):
@@ -1203,11 +1204,12 @@ def write_demo(out_dir, seed=0, num_train=240, num_test=80):
 # ----------------------------------------------------------------------------------------------
 # 10. Command line
 
-def _dataset_for(samples, task, **kwargs):
-    """The training data set of a task, as the training scripts build it."""
+def _dataset_for(samples, task, num_frames=16, **kwargs):
+    """The training data set of a task, as the training scripts build it, at the paper's geometry."""
+    cfg = HiCMAEConfig(num_frames=num_frames)
     if task == "pretrain":
-        return PretrainDataset(samples, **kwargs)
-    return FinetuneDataset(samples, train=True, **kwargs)
+        return PretrainDataset(samples, cfg, **kwargs)
+    return FinetuneDataset(samples, cfg, train=True, **kwargs)
 
 
 class _RowCheck(torch.utils.data.Dataset):
@@ -1324,8 +1326,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("check", help="decode every row as training does and list the failing ones")
     p.add_argument("manifest")
-    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=root_map_arg,
-                   help="replace the path prefix OLD by NEW (repeatable)")
+    add_root_map(p)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--task", choices=TASKS, help="default: from the first row")
     p.add_argument("--num_frames", type=int, default=16, help="frames of a clip, as the model's (default 16)")
@@ -1341,15 +1342,13 @@ def main(argv=None):
                             "the last line printed is its manifest")
     p.add_argument("manifest")
     p.add_argument("--out", required=True, help="folder of the prepared copy")
-    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=root_map_arg,
-                   help="replace the path prefix OLD by NEW (repeatable)")
+    add_root_map(p)
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--task", choices=TASKS, help="default: from the first row")
     p.add_argument("--crf", type=int, default=23, help="x264's quality, lower is better and larger (default 23)")
     p = commands.add_parser("bench", help="print the loader's clips per second, and per core from CPU time")
     p.add_argument("manifest")
-    p.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=root_map_arg,
-                   help="replace the path prefix OLD by NEW (repeatable)")
+    add_root_map(p)
     p.add_argument("--workers", type=int, default=0, help="loader workers (default 0: in this process)")
     p.add_argument("--batch_size", type=int, default=8, help="default 8")
     p.add_argument("--num_batches", type=int, default=20, help="batches timed after one warm-up (default 20)")

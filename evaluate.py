@@ -49,9 +49,9 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.io import write_png
 
 import data
-from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, HiCMAEConfig, authors_config, convert_official,
-                   load_checkpoint, load_weights, model_state, reconstruction_targets)
-from pretrain import HelpFormatter, autocast, default_workers, demo_manifests, pretrain_dataset, setup, to_device
+from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, checkpoint_config, convert_official, load_checkpoint,
+                   load_weights, model_state, reconstruction_targets)
+from pretrain import HelpFormatter, add_device_args, autocast, demo_manifests, setup, to_device
 
 # ----------------------------------------------------------------------------------------------
 # 1. Metrics
@@ -377,15 +377,6 @@ def compute_metrics(scores, targets, task, names=None):
     return regression_metrics(scores, targets, names)
 
 
-def test_set(samples, cfg, sampling_rate, num_clips, num_crops, views="authors", modality="av"):
-    """The test items of samples: the authors' num_clips clips x num_crops crops = V views each
-    (views: data.test_views, "authors" or "short_side"); a one-modality model's reads only its stream."""
-    return data.FinetuneDataset(samples, train=False, img_size=cfg.img_size, num_frames=cfg.num_frames,
-                                sampling_rate=sampling_rate, audio_frames=cfg.audio_frames,
-                                num_mel_bins=cfg.mel_bins, num_clips=num_clips, num_crops=num_crops,
-                                test_views=views, modality=modality)
-
-
 @torch.no_grad()
 def predict(model, loader, task, device, amp=nullcontext, features=False):
     """Run every view of every test item through a HiCMAEClassifier and average per item over its V
@@ -434,21 +425,15 @@ def load_finetuned(path, device="cpu", **overrides):
     regression script), with no class names.
     """
     ckpt = load_checkpoint(path)
-    run = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if isinstance(run, argparse.Namespace):
-        cfg, modality, num_outputs = authors_config(run, model_state(ckpt), **overrides)
-        if num_outputs is None:
-            raise ValueError(f"{path}: the authors' pre-training checkpoint has no head: fine-tune it "
-                             "(finetune.py --init), or probe its encoders (evaluate.py --probe)")
-        run = dict(task="regression" if hasattr(run, "loss") else "classification", modality=modality,
-                   num_outputs=num_outputs, sampling_rate=run.sampling_rate, num_clips=run.test_num_segment,
-                   num_crops=run.test_num_crop)
-        state = convert_official(model_state(ckpt))
-    elif isinstance(run, dict) and "model_config" in ckpt and "modality" in run:
-        cfg, state = HiCMAEConfig.from_dict(ckpt["model_config"]), ckpt["model"]
-    else:
-        raise ValueError(f"{path}: not a fine-tuned checkpoint (neither finetune.py's model_config and arguments "
-                         "nor the authors' saved arguments)")
+    try:
+        cfg, run = checkpoint_config(ckpt, **overrides)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if run["num_outputs"] is None:
+        whose = "the authors'" if run["authors"] else "a"
+        raise ValueError(f"{path}: {whose} pre-training checkpoint has no head: "
+                         "fine-tune it (finetune.py --init), or probe its encoders (evaluate.py --probe)")
+    state = convert_official(model_state(ckpt)) if run["authors"] else ckpt["model"]
     model = HiCMAEClassifier(cfg, run["modality"], run["num_outputs"])
     model.load_state_dict(state)
     return model.to(device).eval(), run
@@ -605,7 +590,7 @@ def reconstruction_vs_constant(pretrain_model, samples, cfg, sampling_rate, batc
     """Mean masked-token MSE of a pre-training model on samples, with the pre-training crop and masks,
     and that of the best constant predictor (each target's mean over the set): {"loss_video",
     "const_video", "loss_audio", "const_audio"}."""
-    dataset = pretrain_dataset(samples, cfg, sampling_rate, seed, strict=True)
+    dataset = data.PretrainDataset(samples, cfg, sampling_rate=sampling_rate, seed=seed, strict=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     pretrain_model.eval()
     sums = {}
@@ -667,9 +652,7 @@ def save_features(path, features):
 def test_checkpoint(args, model, run, env, names):
     """Multi-view test of a manifest: print the metrics, write predictions.csv (and confusion.png)."""
     samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), run["task"])
-    dataset = test_set(samples, model.cfg, run["sampling_rate"], args.num_clips, args.num_crops, args.test_views,
-                       run["modality"])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    loader = test_loader(samples, model.cfg, run["sampling_rate"], args, run["modality"])
     indices, scores, features = predict(model, loader, run["task"], env.device, lambda: autocast(args, env),
                                         features=bool(args.features))
     rows = [samples[i] for i in indices.tolist()]
@@ -691,9 +674,7 @@ def classify_video(args, model, run, env, names):
     if not args.video and modality != "audio":
         raise ValueError(f"an {'audio-visual' if modality == 'av' else 'video'} model needs --video FILE")
     sample = data.Sample(args.video, args.audio, None, row=None)
-    dataset = test_set([sample], model.cfg, run["sampling_rate"], args.num_clips, args.num_crops, args.test_views,
-                       modality)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1)
+    loader = test_loader([sample], model.cfg, run["sampling_rate"], args, modality)
     _, scores, features = predict(model, loader, task, env.device, lambda: autocast(args, env),
                                   features=bool(args.features))
     scores = scores[0]
@@ -710,9 +691,13 @@ def classify_video(args, model, run, env, names):
     return scores
 
 
-def probe_loader(samples, cfg, sampling_rate, args):
-    dataset = test_set(samples, cfg, sampling_rate, args.num_clips, args.num_crops)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+def test_loader(samples, cfg, sampling_rate, args, modality="av"):
+    """The test views of samples (--num_clips x --num_crops, --test_views), batched; one recording is read
+    in this process, so that its error reads as the DataError it is."""
+    dataset = data.FinetuneDataset(samples, cfg, train=False, sampling_rate=sampling_rate, num_clips=args.num_clips,
+                                   num_crops=args.num_crops, test_views=args.test_views or "authors", modality=modality)
+    workers = args.num_workers if len(samples) > 1 else 0
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
 
 
 def probe_checkpoint(args):
@@ -721,15 +706,11 @@ def probe_checkpoint(args):
     env = setup(args)
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt)
-    if isinstance(ckpt.get("args"), argparse.Namespace):  # the authors': checkpoint-best.pth or checkpoint-99.pth
-        cfg, modality, _ = authors_config(ckpt["args"], state, heads=args.heads)
-        sampling_rate = getattr(ckpt["args"], "sampling_rate", None) or 4  # their pre-training saves none: 4
-    elif "model_config" in ckpt:  # ours: pretrain.py or finetune.py
-        cfg = HiCMAEConfig.from_dict(ckpt["model_config"])
-        modality, sampling_rate = ckpt["args"].get("modality", "av"), ckpt["args"].get("sampling_rate", 4)
-    else:
-        raise ValueError(f"{args.checkpoint}: neither a checkpoint of pretrain.py or finetune.py nor one of "
-                         "the authors'")
+    try:
+        cfg, run = checkpoint_config(ckpt, heads=args.heads)
+    except ValueError as e:
+        raise ValueError(f"{args.checkpoint}: {e}") from None
+    modality, sampling_rate = run["modality"], run["sampling_rate"]
     if args.data_path is None:
         args.data_path, args.test_path = demo_manifests(env)
     if args.test_path is None:
@@ -741,7 +722,7 @@ def probe_checkpoint(args):
     train_samples, test_samples = (data.read_manifest(p, root_map, task) for p in (args.data_path, args.test_path))
     train_y, test_y = (torch.tensor([s.target for s in samples]) for samples in (train_samples, test_samples))
     num_classes = int(max(train_y.max(), test_y.max())) + 1 if task == "classification" else None
-    loaders = [probe_loader(samples, cfg, sampling_rate, args) for samples in (train_samples, test_samples)]
+    loaders = [test_loader(samples, cfg, sampling_rate, args) for samples in (train_samples, test_samples)]
 
     quiet = [].append
     models = [load_weights(HiCMAEClassifier(cfg, modality, 1), state, log=quiet)]
@@ -758,7 +739,7 @@ def probe_checkpoint(args):
                "random_sd": {k: float(np.std([r[k] for r in randoms])) for k in randoms[0]
                              if not isinstance(randoms[0][k], list)},
                "no_model": probe_all(train[-1], test[-1], train_y, test_y, task, num_classes, args, None)}
-    if "model_config" in ckpt and any(k.startswith("video_decoder.") for k in state):  # ours: decoders known
+    if not run["authors"] and any(k.startswith("video_decoder.") for k in state):  # ours: decoders known
         model = load_weights(HiCMAE(cfg), state, log=quiet).to(env.device)
         results["pretrained"].update(reconstruction_vs_constant(model, test_samples, cfg, sampling_rate, args.batch_size,
                                                                 args.num_workers, env.device))
@@ -820,8 +801,7 @@ def build_parser():
     parser.add_argument("--subsets", type=int, default=5, help="with --probe: few-label subsets averaged")
     parser.add_argument("--random_seeds", type=int, default=3, help="with --probe: random initialisations compared")
     parser.add_argument("--knn_k", type=int, default=20, help="with --probe: neighbours of the k-NN probe")
-    parser.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=data.root_map_arg,
-                        help="replace the path prefix OLD of the manifest's paths by NEW (repeatable)")
+    data.add_root_map(parser)
     parser.add_argument("--video", help="one video file or frame folder to classify (face crops: it does not crop)")
     parser.add_argument("--audio", help="its audio file (default: the video file's audio; a video model reads none, "
                                         "an audio model needs only this)")
@@ -840,11 +820,7 @@ def build_parser():
                         help="attention heads of an authors' checkpoint (default: from its width, as their model "
                              "names: 256 -> 4, 384 -> 6, 512 -> 8)")
     parser.add_argument("--batch_size", type=int, default=8, help="videos per batch")
-    parser.add_argument("--num_workers", type=int, default=default_workers(),
-                        help="loader processes (default: the cores, at most 8: %(default)s here)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                        help="autocast type (default: the checkpoint's on GPU, fp32 on CPU)")
+    add_device_args(parser)
     return parser
 
 

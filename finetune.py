@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEYS, SELECTION_KEY, compute_metrics,
-                      few_label_subsets, format_metrics, predict, test_set, write_predictions)
-from model import HiCMAEClassifier, HiCMAEConfig, authors_config, configure_optimizer, load_checkpoint, model_state
+                      few_label_subsets, format_metrics, predict, write_predictions)
+from model import HiCMAEClassifier, HiCMAEConfig, checkpoint_config, configure_optimizer, load_checkpoint
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
                       broadcast_object, check_output_dir, demo_manifests, make_loader, model_config, parse_args,
@@ -123,14 +123,6 @@ def read_data(args):
     return train_samples, test_samples
 
 
-def train_set(samples, args, cfg):
-    return data.FinetuneDataset(
-        samples, train=True, img_size=cfg.img_size, num_frames=cfg.num_frames, sampling_rate=args.sampling_rate,
-        audio_frames=cfg.audio_frames, num_mel_bins=cfg.mel_bins, seed=args.seed, scale=tuple(args.crop_scale),
-        rand_ops=args.rand_ops, rand_magnitude=args.rand_magnitude, erase_prob=args.erase_prob,
-        roll_gain=args.roll_gain, freqm=args.freqm, timem=args.timem, modality=args.modality)
-
-
 # ----------------------------------------------------------------------------------------------
 # 3. Model and optimiser: layer-wise learning-rate decay (paper Sec. 4.1)
 
@@ -140,10 +132,10 @@ def run_config(args):
     depth, input sizes and heads need no flags."""
     if args.init:
         ckpt = load_checkpoint(args.init)
-        authors = isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace)
-        if authors and "head.weight" in model_state(ckpt):
-            given = {f.name: getattr(args, f.name) for f in fields(HiCMAEConfig)}
-            return authors_config(ckpt["args"], model_state(ckpt), **given)[0]
+        if isinstance(ckpt, dict) and "args" in ckpt:
+            cfg, run = checkpoint_config(ckpt, **{f.name: getattr(args, f.name) for f in fields(HiCMAEConfig)})
+            if run["authors"] and run["num_outputs"] is not None:
+                return cfg
     return model_config(args)
 
 
@@ -244,8 +236,9 @@ class Tester:
 
     def __init__(self, args, env, raw_model, samples, log):
         self.args, self.env, self.model, self.samples, self.log = args, env, raw_model, samples, log
-        dataset = test_set(samples, raw_model.cfg, args.sampling_rate, args.num_clips, args.num_crops, args.test_views,
-                           args.modality)
+        dataset = data.FinetuneDataset(samples, raw_model.cfg, train=False, sampling_rate=args.sampling_rate,
+                                       num_clips=args.num_clips, num_crops=args.num_crops, test_views=args.test_views,
+                                       modality=args.modality)
         self.loader = make_loader(dataset, args, env, train=False)
         self.out = Path(args.output_dir)
         self.key = SELECTION_KEY[args.task]
@@ -325,7 +318,11 @@ def main(argv=None):
     log(f"{args.task}, {args.modality}, {args.num_outputs} outputs, {len(train_samples)} train and "
         f"{len(test_samples)} test videos; model: {cfg}")
 
-    loader = make_loader(train_set(train_samples, args, cfg), args, env)
+    train_set = data.FinetuneDataset(
+        train_samples, cfg, train=True, sampling_rate=args.sampling_rate, seed=args.seed, scale=tuple(args.crop_scale),
+        rand_ops=args.rand_ops, rand_magnitude=args.rand_magnitude, erase_prob=args.erase_prob,
+        roll_gain=args.roll_gain, freqm=args.freqm, timem=args.timem, modality=args.modality)
+    loader = make_loader(train_set, args, env)
     raw_model = build_model(args, cfg).to(env.device)
     torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path, mixup)
     optimizer = build_optimizer(raw_model, args, env.device.type)

@@ -773,6 +773,25 @@ def authors_config(namespace, state_dict, **overrides):
     return HiCMAEConfig(**config), modality, None if head is None else head.shape[0]
 
 
+def checkpoint_config(checkpoint, **overrides):
+    """(HiCMAEConfig, run) of a loaded checkpoint: ours (pretrain.py, finetune.py) or one of the authors'.
+    run holds what testing it needs: authors (bool), modality, num_outputs (None: no head, a pre-training
+    checkpoint), sampling_rate, and for the authors' task, num_clips and num_crops from their flags; for
+    ours, every argument of the run that saved it. `overrides` (e.g. heads=4) go to authors_config."""
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(saved, argparse.Namespace):
+        cfg, modality, num_outputs = authors_config(saved, model_state(checkpoint), **overrides)
+        # --loss exists only in their regression script; their pre-training saves no sampling rate (it is 4)
+        return cfg, dict(authors=True, modality=modality, num_outputs=num_outputs,
+                         task="regression" if hasattr(saved, "loss") else "classification",
+                         sampling_rate=getattr(saved, "sampling_rate", None) or 4,
+                         num_clips=getattr(saved, "test_num_segment", 2), num_crops=getattr(saved, "test_num_crop", 2))
+    if isinstance(saved, dict) and "model_config" in checkpoint:
+        run = dict(dict(modality="av", num_outputs=None, sampling_rate=4), **saved, authors=False)
+        return HiCMAEConfig.from_dict(checkpoint["model_config"]), run
+    raise ValueError("neither a checkpoint of pretrain.py or finetune.py nor one of the authors'")
+
+
 def _unused_parts(model):
     """Checkpoint weights a model may leave out: the decoders, and what a classifier does not build."""
     if isinstance(model, HiCMAE):

@@ -81,11 +81,8 @@ def add_training_args(parser, **defaults):
     """Data, optimisation, precision, checkpoint and logging flags; `defaults` holds the stage's recipe."""
     g = parser.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="manifest in the authors' format (none: the demo data set)")
-    g.add_argument("--root_map", action="append", default=[], metavar="OLD=NEW", type=data.root_map_arg,
-                   help="replace the path prefix OLD of the manifest's paths by NEW (repeatable)")
+    data.add_root_map(g)
     g.add_argument("--sampling_rate", type=int, default=4, help="frame stride of a clip")
-    g.add_argument("--num_workers", type=int, default=default_workers(),
-                   help="loader processes per GPU (default: the cores per process, at most 8: %(default)s here)")
     g.add_argument("--max_bad_fraction", type=float, default=0.01,
                    help="save and stop once more than this share of the samples tried could not be decoded, "
                         "judged at logging steps and epoch ends (default 0.01)")
@@ -101,9 +98,7 @@ def add_training_args(parser, **defaults):
     g.add_argument("--betas", type=float, nargs=2, default=defaults["betas"], help="AdamW betas")
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     g = parser.add_argument_group("run")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="autocast type (default: bf16 on cuda, fp32 on cpu; bf16 on cpu when asked; fp16 cuda only)")
+    add_device_args(g)
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (and the pre-training loss), each one graph (fullgraph=True)")
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order and augmentation")
@@ -119,6 +114,16 @@ def add_training_args(parser, **defaults):
                    help="save and stop before this much wall time since the start is spent (a job's limit): "
                         "4h, 90m, 3600s or seconds (default: none)")
     g.add_argument("--log_every", type=int, default=20, help="steps between log lines (and the last step of each epoch)")
+
+
+def add_device_args(parser):
+    """--device, --dtype and --num_workers, as every stage takes them."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="autocast type (default: bf16 on cuda, fp32 on cpu; bf16 on cpu when asked; "
+                             "fp16 on cuda only)")
+    parser.add_argument("--num_workers", type=int, default=default_workers(),
+                        help="loader processes per GPU (default: the cores per process, at most 8: %(default)s here)")
 
 
 def duration(text):
@@ -650,18 +655,6 @@ def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, 
 # ----------------------------------------------------------------------------------------------
 # 8. Pre-training: the loss, the reconstruction figure, the benchmark
 
-def pretrain_dataset(samples, cfg, sampling_rate, seed, strict=False):
-    """Pre-training items of samples in the model's geometry and mask ratios (also evaluate.py's probe)."""
-    return data.PretrainDataset(samples, img_size=cfg.img_size, num_frames=cfg.num_frames, sampling_rate=sampling_rate,
-                                audio_frames=cfg.audio_frames, num_mel_bins=cfg.mel_bins, patch_size=cfg.patch_size,
-                                tubelet_size=cfg.tubelet_size, video_mask_ratio=cfg.video_mask_ratio,
-                                audio_mask_ratio=cfg.audio_mask_ratio, seed=seed, strict=strict)
-
-
-def read_pretrain_manifest(args):
-    return data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
-
-
 def pretraining_loss_fn(cfg, gather, compile=False):
     """compute(model, batch) -> the loss parts. compile=True compiles the loss (the caller compiles the model):
     one graph each, except HCMCL's all-gather of the negatives, which may break the loss's graph."""
@@ -737,8 +730,7 @@ def benchmark(args, env, cfg):
         video_mask=torch.stack([data.tube_mask(*cfg.video_grid, cfg.video_mask_ratio, g) for _ in range(B)]),
         audio_mask=torch.stack([data.random_mask(cfg.num_audio_tokens, cfg.audio_mask_ratio, g) for _ in range(B)])),
         env.device)
-    loader = (make_loader(pretrain_dataset(read_pretrain_manifest(args), cfg, args.sampling_rate, args.seed), args, env)
-              if args.data_path else None)
+    loader = (make_loader(pretrain_set(args, cfg), args, env) if args.data_path else None)
     batches = iter(())
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
     notes = []
@@ -828,6 +820,11 @@ def demo_manifests(env):
     return str(train), str(test)
 
 
+def pretrain_set(args, cfg):
+    samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
+    return data.PretrainDataset(samples, cfg, sampling_rate=args.sampling_rate, seed=args.seed)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=DEMO_EPILOG)
     add_model_args(parser)
@@ -858,7 +855,7 @@ def main(argv=None):
         log(f"no --data_path: pre-training a small model on the demo data set ({args.data_path})")
     log(f"model: {cfg}")
 
-    dataset = pretrain_dataset(read_pretrain_manifest(args), cfg, args.sampling_rate, args.seed)
+    dataset = pretrain_set(args, cfg)
     loader = make_loader(dataset, args, env)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank

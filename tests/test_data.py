@@ -14,11 +14,17 @@ import torch
 
 import data
 from data import DataError, Sample
+from model import HiCMAEConfig, make_config
 from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-SMALL = dict(img_size=64, num_frames=4, sampling_rate=2, audio_frames=128, num_mel_bins=64)
+def small(**overrides):
+    """A small clip geometry for the data sets (the model's configuration carries it)."""
+    return make_config("tiny", **dict(dict(img_size=64, num_frames=4, audio_frames=128, mel_bins=64), **overrides))
+
+
+SMALL = dict(sampling_rate=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,11 +171,10 @@ def test_test_views_equal_the_authors():
     for sample in expected["samples"]:
         views = sample["views"]
         row = Sample(str(media_dir / sample["name"]), str(media_dir / sample["wav_file"]), sample["label"], "t.csv:1")
-        dataset = data.FinetuneDataset(
-            [row], train=False, img_size=settings["input_size"], num_frames=settings["num_frames"],
-            sampling_rate=settings["sampling_rate"], audio_frames=settings["input_size_audio"],
-            num_mel_bins=settings["num_mel_bins"], num_clips=settings["test_num_segment"],
-            num_crops=settings["test_num_crop"])
+        geometry = HiCMAEConfig(img_size=settings["input_size"], num_frames=settings["num_frames"],
+                                audio_frames=settings["input_size_audio"], mel_bins=settings["num_mel_bins"])
+        dataset = data.FinetuneDataset([row], geometry, train=False, sampling_rate=settings["sampling_rate"],
+                                       num_clips=settings["test_num_segment"], num_crops=settings["test_num_crop"])
         clips = data.test_clips(len(sample["frame_files"]), settings["num_frames"], settings["sampling_rate"],
                                 settings["test_num_segment"])
         assert [clips[v["segment"]] for v in views] == [v["frame_indices"] for v in views]
@@ -410,7 +415,7 @@ def _items(dataset, workers):
 
 
 def test_items_depend_on_seed_epoch_index_not_on_workers(clips):
-    dataset = data.PretrainDataset(clips, video_mask_ratio=0.5, **SMALL)
+    dataset = data.PretrainDataset(clips, small(video_mask_ratio=0.5), **SMALL)
     item = dataset[0]
     assert item["video"].shape == (3, 4, 64, 64) and item["audio"].shape == (1, 128, 64)
     assert item["video_mask"].shape == (2 * 16,) and item["audio_mask"].shape == (8 * 4,)
@@ -423,7 +428,7 @@ def test_items_depend_on_seed_epoch_index_not_on_workers(clips):
             assert torch.equal(a[key], b[key]), key
     masks = torch.cat([batch["video_mask"] for batch in parallel])
     assert len({tuple(m.tolist()) for m in masks}) == 4  # every item its own mask, in both workers
-    other_seed = _items(data.PretrainDataset(clips, video_mask_ratio=0.5, seed=1, **SMALL), 2)
+    other_seed = _items(data.PretrainDataset(clips, small(video_mask_ratio=0.5), seed=1, **SMALL), 2)
     assert not torch.equal(torch.cat([b["video_mask"] for b in other_seed]), masks)
     dataset.set_epoch(1)
     assert not torch.equal(torch.cat([b["video_mask"] for b in _items(dataset, 0)]), masks)
@@ -431,14 +436,14 @@ def test_items_depend_on_seed_epoch_index_not_on_workers(clips):
 
 def test_bad_sample_replaced_during_training(clips, tmp_path):
     missing = Sample(str(tmp_path / "gone.mp4"), None, 0, "m.csv:9")
-    dataset = data.PretrainDataset([clips[0], missing, clips[1]], **SMALL)
+    dataset = data.PretrainDataset([clips[0], missing, clips[1]], small(), **SMALL)
     with pytest.warns(UserWarning, match=r"m.csv:9: .*gone.mp4: no such file"):
         item = dataset[1]
     assert item["bad"] >= 1 and item["index"] == 1
     with pytest.raises(DataError, match="m.csv:9"):
-        data.PretrainDataset([clips[0], missing], strict=True, **SMALL)[1]
+        data.PretrainDataset([clips[0], missing], small(), strict=True, **SMALL)[1]
     with pytest.warns(UserWarning), pytest.raises(DataError, match="4 bad samples in a row"):
-        data.PretrainDataset([missing, missing], max_retries=3, **SMALL)[0]
+        data.PretrainDataset([missing, missing], small(), max_retries=3, **SMALL)[0]
 
 
 def test_bad_sample_monitor():
@@ -454,33 +459,34 @@ def test_bad_sample_monitor():
 
 
 def test_finetune_items(clips, media):
-    train = data.FinetuneDataset(clips, train=True, **SMALL)
+    train = data.FinetuneDataset(clips, small(), train=True, **SMALL)
     item = train[2]
     assert item["video"].shape == (3, 4, 64, 64) and item["audio"].shape == (1, 128, 64)
     assert item["target"].dtype == torch.long and item["target"] == 0 and item["bad"] == 0
     state = torch.get_rng_state()
-    again = data.FinetuneDataset(clips, train=True, **SMALL)[2]
+    again = data.FinetuneDataset(clips, small(), train=True, **SMALL)[2]
     assert torch.equal(state, torch.get_rng_state())
     assert torch.equal(item["video"], again["video"]) and torch.equal(item["audio"], again["audio"])
-    assert not torch.equal(item["video"], data.FinetuneDataset(clips, train=True, seed=5, **SMALL)[2]["video"])
-    plain = data.FinetuneDataset(clips, train=True, roll_gain=False, **SMALL)[2]
+    assert not torch.equal(item["video"], data.FinetuneDataset(clips, small(), train=True, seed=5, **SMALL)[2]["video"])
+    plain = data.FinetuneDataset(clips, small(), train=True, roll_gain=False, **SMALL)[2]
     assert torch.equal(plain["video"], item["video"]) and not torch.equal(plain["audio"], item["audio"])
 
     noise = (0.1 * np.random.default_rng(1).standard_normal((1, 64000))).astype(np.float32)
     long = media.video("long.mp4", 100, fps=25, audio=("aac", 16000, noise))
     regression = [Sample(long, None, [0.5, 1.0, 0.0], "r.csv:1")]
-    test = data.FinetuneDataset(regression, train=False, num_clips=2, num_crops=2, **SMALL)[0]
+    test = data.FinetuneDataset(regression, small(), train=False, num_clips=2, num_crops=2, **SMALL)[0]
     assert test["video"].shape == (4, 3, 4, 64, 64) and test["audio"].shape == (4, 1, 128, 64)
     assert test["target"].dtype == torch.float32 and test["target"].tolist() == [0.5, 1.0, 0.0]
     assert torch.equal(test["audio"][0], test["audio"][1]) and torch.equal(test["audio"][2], test["audio"][3])
     assert not torch.equal(test["audio"][0], test["audio"][2])  # two clips, two windows
     assert torch.equal(test["video"][0], test["video"][1])  # the authors' views: the whole frame, twice
-    kept = data.FinetuneDataset(regression, train=False, num_clips=2, num_crops=2, test_views="short_side", **SMALL)[0]
+    kept = data.FinetuneDataset(regression, small(), train=False, num_clips=2, num_crops=2, test_views="short_side",
+                                **SMALL)[0]
     assert not torch.equal(kept["video"][0], kept["video"][1])  # 80 x 48 frames: two crops differ
     with pytest.raises(DataError, match="r.csv:2"):
-        data.FinetuneDataset([Sample(long + ".gone", None, [0.0], "r.csv:2")], train=False, **SMALL)[0]
+        data.FinetuneDataset([Sample(long + ".gone", None, [0.0], "r.csv:2")], small(), train=False, **SMALL)[0]
     with pytest.raises(ValueError, match="needs a label"):
-        data.FinetuneDataset([Sample(long, None, None, "p.csv:1")], train=True)
+        data.FinetuneDataset([Sample(long, None, None, "p.csv:1")], small(), train=True)
 
 
 # ----------------------------------------------------------------------------------------------

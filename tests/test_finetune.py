@@ -334,7 +334,9 @@ def test_one_modality_models_need_only_their_stream(media, tmp_path, capsys):
     assert found[2] == found[3]  # the same recording, as --audio or as --video
     args = args_for(*TINY, "--modality", "video", "--output_dir", str(tmp_path))  # fine-tuning on silent videos
     rows = [data.Sample(silent, silent, 0, "m:1")]
-    assert finetune.train_set(rows, args, finetune.run_config(args))[0]["video"].shape == (3, 4, 32, 32)
+    train_set = data.FinetuneDataset(rows, finetune.run_config(args), train=True, sampling_rate=args.sampling_rate,
+                                     modality="video")
+    assert train_set[0]["video"].shape == (3, 4, 32, 32)
     tester = finetune.Tester(args, pretrain.Env(0, 0, 1, torch.device("cpu"), False), finetune.build_model(args), rows,
                              print)
     assert tester.loader.dataset[0]["video"].shape == (4, 3, 4, 32, 32)  # 2 clips x 2 crops

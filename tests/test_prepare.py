@@ -12,6 +12,7 @@ import torch
 import data
 import pretrain
 from data import DataError, Sample
+from model import HiCMAEConfig
 from voxceleb_like import write_set
 
 
@@ -48,8 +49,9 @@ def test_prepared_items_equal_the_originals_up_to_compression(voxceleb, prepared
     assert all(Path(s.video).parent == manifest.parent and s.audio.endswith(".wav") for s in copies)
     size = lambda samples: sum(Path(p).stat().st_size for s in samples for p in (s.video, s.audio))
     assert size(copies) <= 1.5 * size(originals)
-    for make in (lambda s: data.PretrainDataset(s, strict=True),
-                 lambda s: data.FinetuneDataset(s, train=True, rand_ops=0, erase_prob=0.5, strict=True)):
+    paper = HiCMAEConfig()
+    for make in (lambda s: data.PretrainDataset(s, paper, strict=True),
+                 lambda s: data.FinetuneDataset(s, paper, train=True, rand_ops=0, erase_prob=0.5, strict=True)):
         ours, theirs = make(originals), make(copies)
         for epoch in range(3):
             ours.set_epoch(epoch)
@@ -107,24 +109,25 @@ def test_a_wav_window_is_read_directly_and_equals_decoding(media):
 def test_an_item_opens_its_file_once_and_skips_the_modality_it_does_not_need(media, monkeypatch):
     noise = (0.1 * np.random.default_rng(0).standard_normal((1, 32000))).astype(np.float32)
     clip = [Sample(media.video("v.mp4", 50, audio=("aac", 16000, noise)), None, 1, "m.csv:1")]
-    small = dict(img_size=64, num_frames=4, sampling_rate=2, audio_frames=128, num_mel_bins=64)
+    small = dict(sampling_rate=2)
+    geometry = HiCMAEConfig(img_size=64, num_frames=4, audio_frames=128, mel_bins=64)
     opened, open_file = [], data.av.open
     monkeypatch.setattr(data.av, "open", lambda *a, **k: opened.append(a[0]) or open_file(*a, **k))
-    both = data.FinetuneDataset(clip, train=True, **small)[0]
+    both = data.FinetuneDataset(clip, geometry, train=True, **small)[0]
     assert len(opened) == 1 and both["video"].dtype == torch.uint8 and both["erase"].shape == (4,)
     monkeypatch.setattr(data.VideoFile, "read", lambda *a: pytest.fail("decoded the video"))
-    audio = data.FinetuneDataset(clip, train=True, modality="audio", **small)[0]
+    audio = data.FinetuneDataset(clip, geometry, train=True, modality="audio", **small)[0]
     assert "video" not in audio and audio["audio"].shape == both["audio"].shape
     monkeypatch.undo()
     monkeypatch.setattr(data, "_decode_audio", lambda *a: pytest.fail("decoded the audio"))
-    video = data.FinetuneDataset(clip, train=True, modality="video", **small)[0]
+    video = data.FinetuneDataset(clip, geometry, train=True, modality="video", **small)[0]
     assert "audio" not in video and video["video"].shape == both["video"].shape
 
 
 def test_persistent_workers_see_each_epoch(media):
     clips = [Sample(media.video(f"v{i}.mp4", 30), media.audio(f"a{i}.wav", 16000, 0.1 * np.ones((1, 19200), np.float32)),
                     None, f"m.csv:{i}") for i in range(2)]
-    dataset = data.PretrainDataset(clips, img_size=32, num_frames=4, sampling_rate=2, audio_frames=64, num_mel_bins=32)
+    dataset = data.PretrainDataset(clips, HiCMAEConfig(img_size=32, num_frames=4, audio_frames=64, mel_bins=32), sampling_rate=2)
     args = SimpleNamespace(batch_size=2, num_workers=1, seed=0)
     env = SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"))
     loader = pretrain.make_loader(dataset, args, env, train=False)
