@@ -415,11 +415,16 @@ def normalize_patches(x):
     return (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
 
 
-def reconstruction_targets(video, audio, video_mask, audio_mask, cfg):
-    """Targets of the masked tokens (Eq. 8), in increasing token order."""
+def to_pixels(video):
+    """ImageNet-normalised video (B, 3, T, H, W) back to pixels in [0, 1]."""
     mean = video.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
     std = video.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
-    v = patchify_video(video * std + mean, cfg)  # pixels back in [0, 1]
+    return video * std + mean
+
+
+def reconstruction_targets(video, audio, video_mask, audio_mask, cfg):
+    """Targets of the masked tokens (Eq. 8), in increasing token order."""
+    v = patchify_video(to_pixels(video), cfg)
     if cfg.normalize_target:
         v = normalize_patches(v)
     if cfg.frame_diff_target:  # appearance of the first frame, motion (frame difference) for the rest

@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 
 import data
-from model import (IMAGENET_MEAN, IMAGENET_STD, SIZES, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer, count_macs,
-                   load_checkpoint, load_weights, make_config, model_state, patchify_audio, patchify_video,
-                   pretrain_loss, unpatchify_audio, unpatchify_video)
+from model import (SIZES, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer, count_macs, load_checkpoint,
+                   load_weights, make_config, model_state, patchify_audio, patchify_video, pretrain_loss, to_pixels,
+                   unpatchify_audio, unpatchify_video)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,9 +684,7 @@ def save_reconstruction(path, model, batch, cfg):
     video, audio = batch["video"][:1].float(), batch["audio"][:1].float()
     video_mask, audio_mask = batch["video_mask"][:1], batch["audio_mask"][:1]
     out = model(video, audio, video_mask, audio_mask)
-    mean = video.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
-    std = video.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
-    pixels = patchify_video(video * std + mean, cfg)  # (1, N, t*p*p, 3)
+    pixels = patchify_video(to_pixels(video), cfg)  # (1, N, t*p*p, 3)
     masked_pixels = pixels[video_mask]  # (M, t*p*p, 3)
     pred = out["video_pred"].float().reshape(masked_pixels.shape)
     if cfg.frame_diff_target:  # the first frame of a token is appearance, the others differences from it
