@@ -1,35 +1,18 @@
 """Data for HiCMAE: from files on disk to the model's tensors.
 
-One file, in the order the data flows:
-  0. constants and the error type
-  1. manifests (the authors' format) and the path-prefix rewrite
-  2. decoding: video files (PyAV), frame folders (torchvision.io), audio (PyAV, 16 kHz mono; a
-     16 kHz mono wav's window read directly)
-  3. clip sampling and the audio window that follows the clip
-  4. log-Mel features (torchaudio's Kaldi fbank, normalised as the authors do)
-  5. masks for pre-training
-  6. transforms: pre-training crop, fine-tuning augmentation, test-time views, and the training
-     step's normalisation on the device
-  7. data sets for pre-training and fine-tuning, and the bad-sample monitor
-  8. the prepared copy of a data set (re-encoded for the clip sampler)
-  9. the built-in demo data set
-  10. command line: python data.py check|demo|scan|prepare|bench
-
-Every random choice of an item comes from a generator seeded by (seed, epoch, index), so an item is
-the same whatever the number of workers or processes, and no global random state is used.
+In the order the data flows: manifests, decoding (PyAV, frame folders, 16 kHz mono audio), clip
+sampling, log-Mel features, masks, transforms, data sets, and the command line
+(python data.py check|scan). Every random choice of an item comes from a generator seeded by
+(seed, epoch, index), so an item does not depend on the number of workers or processes.
 """
 
 import argparse
-import hashlib
 import math
-import multiprocessing
 import os
-import shutil
 import sys
-import time
 import warnings
 import wave
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -912,305 +895,7 @@ class BadSampleMonitor:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. The prepared copy: `python data.py prepare MANIFEST --out DIR`
-# Each video file is re-encoded once so that a clip decodes few frames: H.264 at its own size, frame
-# rate and timestamps (so the clip sampler picks the same frames), a keyframe every 32 frames, and a
-# fixed pattern of one reference frame then three B-frames that nothing refers to (the loader skips
-# the B-frames that a clip does not show), CAVLC instead of CABAC (about 1.5x faster to decode, 10%
-# larger). Each audio track becomes a 16 kHz mono 16-bit wav (a window is read, not decoded). The
-# copy is an ordinary manifest of .mp4 and .wav files: everything that reads a manifest reads it.
-
-PREPARED_X264 = "keyint=32:min-keyint=32:scenecut=0:bframes=3:b-adapt=0:b-pyramid=none:cabac=0"
-
-
-def _prepared_name(path, out_dir, suffix):
-    """OUT_DIR/<stem>-<hash of the source path><suffix>: one output per source file."""
-    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
-    return os.path.join(out_dir, f"{Path(path).stem}-{digest}{suffix}")
-
-
-def _write_atomically(out, write):
-    """write(a partial path), then rename: a loader never sees a half-written file."""
-    partial = f"{out}.{os.getpid()}.partial{Path(out).suffix}"  # the suffix tells PyAV the container
-    try:
-        write(partial)
-        os.replace(partial, out)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
-def _reencode_video(path, out, crf):
-    """Re-encode every frame of a video file as PREPARED_X264, keeping its timestamps; DataError if a
-    frame is missing or undecodable."""
-    def write(partial):
-        with VideoFile(path) as video, _reading(path, "video"), av.open(partial, "w", format="mp4") as dst:
-            src = video.stream
-            odd = src.codec_context.width % 2 or src.codec_context.height % 2
-            enc = dst.add_stream("libx264", rate=src.average_rate or src.guessed_rate,
-                                 options={"crf": str(crf), "x264-params": PREPARED_X264, "threads": "1"})
-            enc.width, enc.height = src.codec_context.width, src.codec_context.height
-            enc.pix_fmt = "yuv444p" if odd else "yuv420p"
-            enc.time_base = enc.codec_context.time_base = src.time_base
-            count = 0
-            for packet in video.packets + [None]:
-                for frame in src.codec_context.decode(packet):
-                    frame.pict_type = 0  # let x264 choose (it would copy the source's frame types)
-                    dst.mux(enc.encode(frame))
-                    count += 1
-            dst.mux(enc.encode(None))
-            if count < len(video):
-                raise DataError(f"{path}: {len(video) - count} of {len(video)} frames cannot be decoded (truncated or corrupt)")
-    _write_atomically(out, write)
-
-
-def _write_wav(path, out):
-    """The audio of any container as a 16 kHz mono 16-bit wav."""
-    pcm = (read_audio(path)[0].numpy() * 32768).round().clip(-32768, 32767).astype("<i2")
-
-    def write(partial):
-        with wave.open(partial, "wb") as f:
-            f.setnchannels(1)
-            f.setsampwidth(2)
-            f.setframerate(SAMPLE_RATE)
-            f.writeframes(pcm.tobytes())
-    _write_atomically(out, write)
-
-
-def _prepare_sample(job):
-    """Write the prepared files of one sample that are not there yet: None, or the error message."""
-    sample, video_out, audio_out, crf = job
-    try:
-        try:
-            if video_out != sample.video and not os.path.exists(video_out):
-                _reencode_video(sample.video, video_out, crf)
-            if not os.path.exists(audio_out):
-                _write_wav(sample.audio or sample.video, audio_out)
-        except av.FFmpegError as e:  # the encoder or the muxer
-            raise DataError(f"{sample.video}: cannot write {video_out}: {e}") from None
-    except DataError as e:
-        return f"{sample.row}: {e}"
-    return None
-
-
-def _label_fields(target):
-    return [] if target is None else [str(target)] if isinstance(target, int) else [repr(x) for x in target]
-
-
-def prepare(manifest, out_dir, root_map=(), workers=1, task=None, crf=23):
-    """Write the prepared copy of a manifest's samples into out_dir (as described above), then its
-    manifest, out_dir/<the manifest's name> (and classes.txt when one is beside the manifest). Files
-    already there are kept, so a killed run continues; run one prepare per folder at a time. Rows
-    that cannot be read are printed as `check` prints them and left out of the prepared manifest. A
-    frame folder stays where it is (its frames are read one by one already); its audio is converted.
-    Progress and the time left go to stderr on one line. Returns (the manifest's path, failed rows)."""
-    task = task or guess_task(manifest)
-    os.makedirs(out_dir, exist_ok=True)
-    out_dir = os.path.abspath(out_dir)
-    for name in os.listdir(out_dir):  # what a killed run was writing
-        if ".partial" in name:
-            os.remove(os.path.join(out_dir, name))
-    errors = []
-    samples = read_manifest(manifest, root_map, task, errors=errors)
-    for e in errors:
-        print(e, flush=True)
-    jobs = [(s, s.video if os.path.isdir(s.video) else _prepared_name(s.video, out_dir, ".mp4"),
-             _prepared_name(s.audio or s.video, out_dir, ".wav"), crf) for s in samples]
-    rows, failed, start = [], len(errors), time.perf_counter()
-    # spawn: a forked copy of a process with threads (torch's, FFmpeg's) can hang
-    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
-        results = pool.imap(_prepare_sample, jobs) if pool else map(_prepare_sample, jobs)
-        for done, ((sample, video, audio, _), error) in enumerate(zip(jobs, results), 1):
-            if error:
-                print(error, flush=True)
-                failed += 1
-            else:
-                rows.append(" ".join([os.path.relpath(video, out_dir) if video.startswith(out_dir) else video,
-                                      os.path.relpath(audio, out_dir)] + _label_fields(sample.target)) + "\n")
-            elapsed = time.perf_counter() - start
-            print(f"\rprepared {done}/{len(jobs)} rows ({failed} failed) in {elapsed:.0f} s, "
-                  f"{(len(jobs) - done) * elapsed / done:.0f} s left ", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    out = os.path.join(out_dir, os.path.basename(manifest))
-    _write_atomically(out, lambda partial: Path(partial).write_text("".join(rows)))
-    classes = Path(manifest).parent / "classes.txt"
-    if classes.exists():
-        _write_atomically(os.path.join(out_dir, "classes.txt"), lambda partial: shutil.copyfile(classes, partial))
-    print(f"{len(rows)} ok, {failed} failed (left out)")
-    print(out)
-    return out, failed
-
-
-# ----------------------------------------------------------------------------------------------
-# 9. The built-in demo data set
-# Synthetic talking faces, built so that what pre-training can learn is there to learn, and so that a
-# class cannot be read off trivial statistics of one modality:
-#   - the class (4 emotions) shows in the face as large shapes (mouth curve, brow angle), and in the
-#     voice only in time: the pitch contour of every syllable (rising or falling) and the speaking
-#     rate (slow or fast). Pitch range, loudness and timbre are drawn alike for every class, so the
-#     log-Mel's per-bin mean and standard deviation carry little of the class;
-#   - face and voice share a speaker's identity, as in real talking-head data: a lower voice comes with
-#     darker skin, a duller timbre with darker hair; the mouth opens with the voice's loudness;
-#   - everything else (background colour, the light's direction, head position and size, expression
-#     strength) varies at random; the head holds still, only the mouth moves.
-# Written with PyAV as H.264 + AAC .mp4 files.
-
-DEMO_CLASSES = ("neutral", "happy", "sad", "angry")
-
-_DEMO_FPS = 25
-_DEMO_SECONDS = 2.4
-_DEMO_SIZE = 64  # frame height and width in pixels: the demo model's input size
-_DEMO_HOP = SAMPLE_RATE // _DEMO_FPS  # audio samples per video frame (40 ms)
-_DEMO_AAC_FRAME = 1024  # samples per AAC frame
-
-# Voice per class: the pitch contour of every syllable (+1 rising, -1 falling) and syllables per second.
-_DEMO_VOICE = {"neutral": (+1, 1.8), "happy": (+1, 4.5), "sad": (-1, 1.8), "angry": (-1, 4.5)}
-# Face per class, in head radii: mouth curve (> 0 corners up: a smile) and brow slope (> 0 inner ends down).
-_DEMO_FACE = {"neutral": (0.0, 0.0), "happy": (0.3, -0.12), "sad": (-0.3, -0.5), "angry": (-0.08, 0.55)}
-_DEMO_SWEEP = 0.35  # octaves a syllable's pitch moves
-
-
-def _demo_voice(rng, contour, rate, pitch, timbre, num_samples):
-    """(waveform, envelope): harmonic syllables at `rate` per second, each sweeping its pitch up or down
-    (contour) around a base pitch set by `pitch` in [0, 1]; `timbre` in [0, 1] dulls the harmonics. The
-    voice never stops (the envelope dips to 0.3 between syllables) and its harmonics fill the band, so
-    that every patch of the spectrogram holds structure that its neighbours predict."""
-    sr, period = SAMPLE_RATE, 1.0 / rate
-    t = np.arange(num_samples) / sr
-    x = (t / period + rng.uniform()) % 1.0  # 0 -> 1 across each syllable
-    env = (0.3 + 0.7 * np.sin(np.pi * x) ** 2).astype(np.float32)
-    f0 = 110.0 * 2 ** (1.2 * pitch) * 2 ** (contour * _DEMO_SWEEP * (x - 0.5))
-    phase = 2 * np.pi * np.cumsum(f0) / sr
-    ks = np.arange(1, 31)[:, None]
-    amps = ks ** -(0.5 + timbre) * (ks * f0.max() < 0.95 * sr / 2)  # 30 harmonics, none above Nyquist
-    source = (amps * np.sin(ks * phase)).sum(0) / np.sqrt((amps ** 2).sum() / 2)
-    wave = rng.uniform(0.2, 0.35) * env * source + 0.001 * rng.standard_normal(num_samples)
-    return np.clip(wave, -1, 1).astype(np.float32), env
-
-
-def _soft(dist):
-    """Anti-aliased coverage from a signed distance in pixels (negative = inside)."""
-    return np.clip(0.5 - dist, 0.0, 1.0)
-
-
-def _demo_face(rng, curve, slope, pitch, timbre, opening):
-    """Frames (T, S, S, 3) uint8 of a face with mouth curve and brow slope, skin from `pitch`, hair from
-    `timbre`, and a mouth that opens with `opening` (T,) in [0, 1]. The head holds still: the face is
-    drawn once, then the mouth of every frame."""
-    size = _DEMO_SIZE
-    radius = float(rng.uniform(0.40, 0.46) * size)
-    cx, cy = rng.uniform(0.42, 0.58) * size, rng.uniform(0.45, 0.58) * size
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    u, v = (xs - np.float32(cx)) / np.float32(radius), (ys - np.float32(cy)) / np.float32(radius)  # head radius 1
-    strength = rng.uniform(0.7, 1.0)  # how strongly this clip shows its emotion
-    curve, slope = strength * curve, strength * slope
-
-    # One light for the scene: the background and the face brighten along the same random direction,
-    # so that every patch holds a gradient that its neighbours predict.
-    light = rng.uniform(-1, 1, 2)
-    shade = (light[0] * u + light[1] * v)[..., None]
-    face = (rng.uniform(70, 190, 3) * (1 + 0.3 * shade)).astype(np.float32)
-
-    def paint(img, alpha, colour):
-        img += alpha[..., None] * (np.asarray(colour, np.float32) - img)
-
-    skin = np.array([95, 60, 40]) + (0.15 + 0.8 * pitch) * np.array([150, 140, 125])
-    hair = np.array([40, 25, 15]) + (1.0 - timbre) * np.array([200, 160, 60])
-    head = np.sqrt((u / 0.82) ** 2 + v ** 2)
-    paint(face, _soft((head - 1) * radius), (1 + 0.25 * shade) * skin)  # lit by the scene's light
-    paint(face, _soft((head - 1) * radius) * _soft((v + 0.5) * radius), hair)  # the top of the head
-    for side in (-1, 1):
-        eye = np.sqrt(((u - side * 0.33) / 0.13) ** 2 + ((v + 0.12) / 0.09) ** 2)
-        paint(face, _soft((eye - 1) * 0.1 * radius), (25, 20, 30))
-        brow_v = -0.32 + slope * (0.5 - np.abs(u))  # slope > 0: inner ends (|u| small) lower
-        paint(face, _soft(np.maximum(np.abs(v - brow_v) - 0.06, np.abs(u - side * 0.33) - 0.2) * radius), hair * 0.6)
-
-    rows = slice(max(int(cy + 0.1 * radius), 0), min(int(cy + 0.9 * radius) + 2, size))  # the mouth's rows
-    u, v = u[rows], v[rows]
-    width = 0.45
-    across = np.clip(u / width, -1, 1)
-    centre = 0.45 - curve * (across ** 2 - 0.5)  # curve > 0: corners above the centre
-    outside = np.abs(u) - width
-    frames = np.repeat(face[None], opening.size, axis=0)
-    for frame, amount in zip(frames, opening):
-        gap = (0.02 + 0.16 * amount) * np.sqrt(1 - across ** 2)
-        mouth = frame[rows]
-        paint(mouth, _soft(np.maximum(np.abs(v - centre) - gap - 0.06, outside) * radius), skin * 0.5 + np.array([90, 10, 20]))
-        paint(mouth, _soft(np.maximum(np.abs(v - centre) - gap, outside + 0.03) * radius), (50, 10, 20))
-    return np.clip(frames + 0.5, 0, 255).astype(np.uint8)
-
-
-def _write_mp4(path, frames, wave):
-    """Write frames (T, H, W, 3) uint8 as H.264 and wave (N,) float32 as AAC into one .mp4."""
-    with av.open(str(path), mode="w") as container:
-        video = container.add_stream("libx264", rate=_DEMO_FPS, options={"preset": "veryfast", "crf": "18"})
-        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        video.codec_context.thread_count = 1  # deterministic output
-        audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono", options={"aac_coder": "fast"})
-        audio.bit_rate = 32000
-        # Mux in time order: after each video frame, the audio chunks that start before its end.
-        next_sample = 0
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = i
-            container.mux(video.encode(frame))
-            frame_end = wave.size if i == len(frames) - 1 else (i + 1) * _DEMO_HOP
-            while next_sample < frame_end:
-                chunk = av.AudioFrame.from_ndarray(
-                    wave[None, next_sample:next_sample + _DEMO_AAC_FRAME], format="fltp", layout="mono")
-                chunk.sample_rate, chunk.pts = SAMPLE_RATE, next_sample
-                container.mux(audio.encode(chunk))
-                next_sample += _DEMO_AAC_FRAME
-        container.mux(video.encode(None))
-        container.mux(audio.encode(None))
-
-
-def _demo_clip(seed, split_id, index, label):
-    """Frames and waveform of one clip; its randomness comes only from (seed, split, index)."""
-    rng = np.random.default_rng([seed, split_id, index])
-    name = DEMO_CLASSES[label]
-    pitch, timbre = rng.uniform(size=2)  # the speaker: shared by face and voice
-    wave, env = _demo_voice(rng, *_DEMO_VOICE[name], pitch, timbre, int(_DEMO_SECONDS * SAMPLE_RATE))
-    opening = env[: env.size // _DEMO_HOP * _DEMO_HOP].reshape(-1, _DEMO_HOP).mean(1)  # per video frame
-    return _demo_face(rng, *_DEMO_FACE[name], pitch, timbre, opening), wave
-
-
-def write_demo(out_dir, seed=0, num_train=240, num_test=80):
-    """Write the demo set: OUT_DIR/videos/*.mp4, train.csv, test.csv and classes.txt.
-
-    Manifest rows are `<video path> <audio path> <label>` with absolute paths; the audio path is the
-    .mp4 itself. Classes are balanced (clip i has label i % 4). Returns the two manifest paths.
-    """
-    out_dir = Path(out_dir).resolve()
-    if any(ch.isspace() for ch in str(out_dir)):
-        raise ValueError(f"demo output path must not contain whitespace (manifests are space separated): {out_dir}")
-    video_dir = out_dir / "videos"
-    video_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "classes.txt").write_text("".join(name + "\n" for name in DEMO_CLASSES))
-    manifests = []
-    for split_id, (split, count) in enumerate((("train", num_train), ("test", num_test))):
-        rows = []
-        for index in range(count):
-            label = index % len(DEMO_CLASSES)
-            path = video_dir / f"{split}_{index:04d}_{DEMO_CLASSES[label]}.mp4"
-            _write_mp4(path, *_demo_clip(seed, split_id, index, label))
-            rows.append(f"{path} {path} {label}\n")
-        manifest = out_dir / f"{split}.csv"
-        manifest.write_text("".join(rows))
-        manifests.append(str(manifest))
-    return manifests[0], manifests[1]
-
-
-# ----------------------------------------------------------------------------------------------
-# 10. Command line
-
-def _dataset_for(samples, task, num_frames=16, **kwargs):
-    """The training data set of a task, as the training scripts build it, at the paper's geometry."""
-    cfg = HiCMAEConfig(num_frames=num_frames)
-    if task == "pretrain":
-        return PretrainDataset(samples, cfg, **kwargs)
-    return FinetuneDataset(samples, cfg, train=True, **kwargs)
-
+# 8. Command line: python data.py check|scan
 
 class _RowCheck(torch.utils.data.Dataset):
     """Items of a strict data set, turned into (failed, message): the error, or a warning for a video
@@ -1235,10 +920,6 @@ class _RowCheck(torch.utils.data.Dataset):
         return False, None
 
 
-def _as_list(batch):
-    return batch
-
-
 def check(manifest, root_map=(), workers=0, task=None, num_frames=16, sampling_rate=4):
     """Decode every row as training does; print one line per failing row and a warning per video
     shorter than the clip span (num_frames x sampling_rate), then `N ok, M failed`. Returns the number
@@ -1248,11 +929,14 @@ def check(manifest, root_map=(), workers=0, task=None, num_frames=16, sampling_r
     samples = read_manifest(manifest, root_map, task, errors=errors)
     for e in errors:
         print(e, flush=True)
-    dataset = _dataset_for(samples, task, strict=True, num_frames=num_frames, sampling_rate=sampling_rate)
-    loader = torch.utils.data.DataLoader(_RowCheck(dataset),
-                                         batch_size=1, num_workers=workers, collate_fn=_as_list)
+    cfg = HiCMAEConfig(num_frames=num_frames)
+    if task == "pretrain":
+        dataset = PretrainDataset(samples, cfg, sampling_rate=sampling_rate, strict=True)
+    else:
+        dataset = FinetuneDataset(samples, cfg, train=True, sampling_rate=sampling_rate, strict=True)
+    loader = torch.utils.data.DataLoader(_RowCheck(dataset), batch_size=None, num_workers=workers)
     failed = len(errors)
-    for ((bad, message),) in loader:
+    for bad, message in loader:
         if message is not None:
             print(message, flush=True)
         failed += bad
@@ -1279,48 +963,6 @@ def scan(root, out, audio_root=None):
     return len(videos)
 
 
-class _Timed(torch.utils.data.Dataset):
-    """Items of a data set with `cpu_s`: the CPU time of the process that made the item."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        start = time.process_time()
-        item = self.dataset[index]
-        return dict(item, cpu_s=time.process_time() - start)
-
-
-def bench(manifest, root_map=(), workers=0, batch_size=8, num_batches=20, task=None, modality="av"):
-    """Print the loader's clips per second over num_batches batches (after one warm-up), and the clips
-    per second one core makes: 1 / the mean CPU time of an item in its worker's process (one thread,
-    as the loader's workers run), which stays comparable on a busy machine. Returns clips/s."""
-    task = task or guess_task(manifest)
-    kwargs = dict(modality=modality) if task != "pretrain" else {}
-    dataset = _Timed(_dataset_for(read_manifest(manifest, root_map, task), task, **kwargs))
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=(num_batches + 1) * batch_size,
-                                             generator=torch.Generator().manual_seed(0))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a loader's worker
-    try:
-        batches = iter(loader)
-        next(batches)
-        start, cpu = time.perf_counter(), []
-        for batch in batches:
-            cpu += batch["cpu_s"].tolist()
-        seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
-    clips, per_item = len(cpu), sum(cpu) / len(cpu)
-    print(f"{task}: {clips} clips in {seconds:.1f} s = {clips / seconds:.1f} clips/s with {workers} workers "
-          f"(batch {batch_size}); {per_item * 1000:.1f} ms CPU per item = {1 / per_item:.1f} clips/s per core")
-    return clips / seconds
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1331,47 +973,16 @@ def main(argv=None):
     p.add_argument("--task", choices=TASKS, help="default: from the first row")
     p.add_argument("--num_frames", type=int, default=16, help="frames of a clip, as the model's (default 16)")
     p.add_argument("--sampling_rate", type=int, default=4, help="frame stride of a clip (default 4)")
-    p = commands.add_parser("demo", help="write the built-in demo data set")
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
     p = commands.add_parser("scan", help="write a pre-training manifest for a VoxCeleb2-style tree")
     p.add_argument("root")
     p.add_argument("--out", required=True)
     p.add_argument("--audio_root", help="a parallel tree of .m4a/.wav files with the same relative names")
-    p = commands.add_parser("prepare", help="write a copy of a data set laid out for the clip sampler; "
-                            "the last line printed is its manifest")
-    p.add_argument("manifest")
-    p.add_argument("--out", required=True, help="folder of the prepared copy")
-    add_root_map(p)
-    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
-    p.add_argument("--task", choices=TASKS, help="default: from the first row")
-    p.add_argument("--crf", type=int, default=23, help="x264's quality, lower is better and larger (default 23)")
-    p = commands.add_parser("bench", help="print the loader's clips per second, and per core from CPU time")
-    p.add_argument("manifest")
-    add_root_map(p)
-    p.add_argument("--workers", type=int, default=0, help="loader workers (default 0: in this process)")
-    p.add_argument("--batch_size", type=int, default=8, help="default 8")
-    p.add_argument("--num_batches", type=int, default=20, help="batches timed after one warm-up (default 20)")
-    p.add_argument("--task", choices=TASKS, help="pretrain: pre-training items; classification or regression: "
-                   "fine-tuning training items (default: from the first row)")
-    p.add_argument("--modality", choices=MODALITIES, default="av", help="fine-tuning items' modality (default av)")
     args = parser.parse_args(argv)
-
     if args.command == "check":
-        return 1 if check(args.manifest, parse_root_map(args.root_map), args.workers, args.task, args.num_frames,
-                          args.sampling_rate) else 0
-    if args.command == "demo":
-        start = time.perf_counter()
-        train, test = write_demo(args.out_dir, args.seed)
-        print(f"wrote {train} and {test} in {time.perf_counter() - start:.0f} s")
-    elif args.command == "scan":
-        scan(args.root, args.out, args.audio_root)
-    elif args.command == "bench":
-        bench(args.manifest, parse_root_map(args.root_map), args.workers, args.batch_size, args.num_batches, args.task,
-              args.modality)
-    elif args.command == "prepare":
-        return 1 if prepare(args.manifest, args.out, parse_root_map(args.root_map), args.workers, args.task,
-                            args.crf)[1] else 0
+        failed = check(args.manifest, parse_root_map(args.root_map), args.workers, args.task, args.num_frames,
+                       args.sampling_rate)
+        return 1 if failed else 0
+    scan(args.root, args.out, args.audio_root)
     return 0
 
 

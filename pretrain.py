@@ -812,7 +812,8 @@ def demo_manifests(env):
     train, test = Path(DEMO_DIR) / "train.csv", Path(DEMO_DIR) / "test.csv"
     if env.master and not (train.exists() and test.exists()):
         print(f"writing the demo data set to {DEMO_DIR}/ ...", flush=True)
-        data.write_demo(DEMO_DIR)
+        from tools.demo_data import write_demo
+        write_demo(DEMO_DIR)
     if env.ddp:
         dist.barrier()
     return str(train), str(test)

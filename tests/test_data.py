@@ -15,6 +15,8 @@ import torch
 import data
 from data import DataError, Sample
 from model import HiCMAEConfig, make_config
+from tools.bench_loader import bench
+from tools.demo_data import write_demo
 from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -540,14 +542,14 @@ def test_scan_writes_a_pretraining_manifest(tmp_path, capsys):
 
 
 def test_demo_then_check_and_bench(tmp_path, capsys):
-    train, test = data.write_demo(tmp_path / "demo", seed=0, num_train=4, num_test=4)
+    train, test = write_demo(tmp_path / "demo", seed=0, num_train=4, num_test=4)
     assert data.check(train, num_frames=8) == 0 and data.check(test, num_frames=8) == 0  # the demo model's span
     assert capsys.readouterr().out.strip().splitlines() == ["4 ok, 0 failed"] * 2
-    again, _ = data.write_demo(tmp_path / "again", seed=0, num_train=4, num_test=4)
+    again, _ = write_demo(tmp_path / "again", seed=0, num_train=4, num_test=4)
     first = lambda manifest: Path(open(manifest).readline().split()[0]).read_bytes()
     assert first(train) == first(again)  # deterministic for a seed
     capsys.readouterr()
-    assert data.bench(train, batch_size=2, num_batches=1, task="pretrain") > 0
+    assert bench(train, batch_size=2, num_batches=1, task="pretrain") > 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"pretrain: 2 clips in .* clips/s with 0 workers \(batch 2\); [\d.]+ ms CPU per item = "
                         r"[\d.]+ clips/s per core", last), last

@@ -19,6 +19,7 @@ import data
 import evaluate
 import finetune
 import pretrain
+from tools.demo_data import DEMO_CLASSES, write_demo
 
 TINY = ["--size", "tiny", "--img_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--audio_frames", "32",
         "--mel_bins", "32", "--dim", "32", "--heads", "2", "--depth", "2", "--inter_layers", "1",
@@ -49,7 +50,7 @@ def log_losses(output_dir):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    train, test = data.write_demo(tmp_path_factory.mktemp("demo"), num_train=16, num_test=8)
+    train, test = write_demo(tmp_path_factory.mktemp("demo"), num_train=16, num_test=8)
     return dict(train=train, test=test)
 
 
@@ -230,7 +231,7 @@ def test_checkpoint_then_predictions_file_give_the_same_numbers(finetuned, demo,
     assert len(metric_lines(printed)) == 5 and metric_lines(printed) == metric_lines(recomputed)
     assert "per-class recall  neutral" in printed  # the class names travel in the checkpoint
     _, targets, scores, task, names = evaluate.read_predictions(tmp_path / "predictions.csv")
-    assert task == "classification" and names == list(data.DEMO_CLASSES) and len(targets) == 8
+    assert task == "classification" and names == list(DEMO_CLASSES) and len(targets) == 8
     assert torch.allclose(scores.sum(1), torch.ones(8, dtype=torch.float64), atol=1e-5)
 
 
@@ -257,7 +258,7 @@ def test_single_video_probabilities(finetuned, demo, capsys):
     video = data.read_manifest(demo["test"], task="classification")[0].video
     evaluate.main(["--checkpoint", str(out / "best.pth"), "--video", video, "--device", "cpu"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert sorted(name for name, _ in rows) == sorted(data.DEMO_CLASSES)
+    assert sorted(name for name, _ in rows) == sorted(DEMO_CLASSES)
     probabilities = [float(p) for _, p in rows]
     assert probabilities == sorted(probabilities, reverse=True)
     assert math.isclose(sum(probabilities), 1.0, abs_tol=5e-4)
@@ -308,7 +309,7 @@ def test_labels_per_class_keeps_that_many_clips_of_each_class(demo):
 def random_checkpoint(path, modality):
     """A finetune.py checkpoint of the tiny model at random initialisation, 4 demo classes."""
     args = args_for(*TINY, "--modality", modality)
-    args.class_names = list(data.DEMO_CLASSES)
+    args.class_names = list(DEMO_CLASSES)
     model = finetune.build_model(args)
     torch.save(dict(model=model.state_dict(), model_config=asdict(model.cfg), args=vars(args)), path)
     return str(path)

@@ -9,6 +9,7 @@ from model import HiCMAE, HiCMAEClassifier, load_checkpoint, load_weights, make_
 from pretrain import pretraining_loss_fn
 from test_parity import FIXTURE, assert_bf16_close, assert_close, fixture_config, losses_and_grads
 from test_pretrain import TINY, logged, run
+from tools.demo_data import write_demo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -107,7 +108,7 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back(tmp_path):
     """4 steps per epoch: steps 1-3 on the GPU, 4-6 on the CPU, 7-8 on the GPU again, in float32, against
     one run on the GPU. The losses agree within 2%: the GPU's TF32 products (10-bit mantissas) and the
     CPU's float32 drift apart over a few steps at the tiny model's learning rate of 0.05."""
-    manifest, _ = data.write_demo(tmp_path / "demo", seed=1, num_train=8, num_test=4)
+    manifest, _ = write_demo(tmp_path / "demo", seed=1, num_train=8, num_test=4)
     cpu = [*TINY, "--data_path", str(manifest), "--epochs", "2", "--batch_size", "2", "--dtype", "fp32"]
     gpu = [*cpu, "--device", "cuda"]  # the later --device wins
     run(*gpu, "--output_dir", str(tmp_path / "straight"))

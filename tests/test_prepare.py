@@ -1,5 +1,5 @@
-"""The loader's cheaper items and the prepared copy (data.py prepare), on real encoded files shaped
-like VoxCeleb2 (tests/voxceleb_like.py: 224 x 224 H.264 at x264's defaults, a 16 kHz wav beside)."""
+"""The loader's cheaper items and the prepared copy (tools/prepare.py), on real encoded files shaped
+like VoxCeleb2 (tools/voxceleb_like.py: 224 x 224 H.264 at x264's defaults, a 16 kHz wav beside)."""
 
 import re
 from pathlib import Path
@@ -13,7 +13,8 @@ import data
 import pretrain
 from data import DataError, Sample
 from model import HiCMAEConfig
-from voxceleb_like import write_set
+from tools import prepare
+from tools.voxceleb_like import write_set
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def voxceleb(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(voxceleb, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    path, failed = data.prepare(str(voxceleb), out, workers=2)
+    path, failed = prepare.prepare(str(voxceleb), out, workers=2)
     return Path(path), failed
 
 
@@ -71,7 +72,7 @@ def test_prepare_lists_an_undecodable_file_like_check_and_leaves_it_out(voxceleb
     check_line = capsys.readouterr().out.splitlines()[0]
     assert re.search(r"train.csv:3: .*cut.mp4: an MP4/MOV file without its index", check_line)
     out = manifest.parent / "again"
-    assert data.prepare(str(voxceleb), out)[1] == 1
+    assert prepare.prepare(str(voxceleb), out)[1] == 1
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[0] == check_line and printed[-2:] == ["2 ok, 1 failed (left out)", str(out / "train.csv")]
     assert "cut" not in (out / "train.csv").read_text()
@@ -86,7 +87,7 @@ def test_prepare_resumes_and_leaves_no_partial_file(voxceleb, prepared, capsys):
     rows = manifest.read_text()
     files[0].unlink()  # a run killed before writing this one, while writing this partial file
     (out / f"{files[0].name}.123.partial{files[0].suffix}").write_bytes(b"half")
-    assert data.main(["prepare", str(voxceleb), "--out", str(out)]) == 1  # 1: the cut row failed
+    assert prepare.main([str(voxceleb), "--out", str(out)]) == 1  # 1: the cut row failed
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(manifest)
     assert manifest.read_text() == rows and files[0].exists()
     assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p != files[0])  # kept, not redone

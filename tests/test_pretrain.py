@@ -15,6 +15,7 @@ import data
 import model
 import pretrain
 from model import convert_official, load_checkpoint, model_state
+from tools.demo_data import write_demo
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -28,7 +29,7 @@ TINY = ["--device", "cpu", "--size", "tiny", "--img_size", "32", "--num_frames",
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    train, _ = data.write_demo(root, seed=1, num_train=8, num_test=4)
+    train, _ = write_demo(root, seed=1, num_train=8, num_test=4)
     return str(train)
 
 

@@ -11,6 +11,7 @@ import data
 import evaluate
 import pretrain
 from model import make_config, reconstruction_targets
+from tools.demo_data import write_demo
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -84,7 +85,7 @@ class Oracle(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    train, test = data.write_demo(tmp_path_factory.mktemp("demo"), num_train=8, num_test=8)
+    train, test = write_demo(tmp_path_factory.mktemp("demo"), num_train=8, num_test=8)
     return train, test
 
 

@@ -5,7 +5,7 @@ frames, 3 B-frames), yuv420p, with a 16 kHz mono 16-bit .wav beside each, as the
 The picture is a smooth random texture that drifts and a face-sized ellipse that moves, so that the
 encoder spends about the bit rate of a real talking-head clip (a few hundred kbit/s).
 
-    python tests/voxceleb_like.py OUT_DIR [--num 64] [--seconds 8]
+    python tools/voxceleb_like.py OUT_DIR [--num 64] [--seconds 8]
 
 writes OUT_DIR/NNNNN.mp4 and .wav and OUT_DIR/train.csv (`<video> <audio> <class>` rows).
 """
