@@ -128,24 +128,19 @@ def _parse_row(fields, task, row):
         if not fields[2].isdigit():
             raise DataError(f"{row}: label {fields[2]!r} is not a class index")
         return fields[0], fields[1], int(fields[2])
-    if task == "regression":
-        try:
-            target = [float(x) for x in fields[2:]]
-        except ValueError:
-            raise DataError(f"{row}: regression targets {fields[2:]} are not all numbers") from None
-        if not all(math.isfinite(x) for x in target):
-            raise DataError(f"{row}: regression targets {fields[2:]} are not all finite")
-        return fields[0], fields[1], target
+    try:  # regression
+        target = [float(x) for x in fields[2:]]
+    except ValueError:
+        raise DataError(f"{row}: regression targets {fields[2:]} are not all numbers") from None
+    if not all(math.isfinite(x) for x in target):
+        raise DataError(f"{row}: regression targets {fields[2:]} are not all finite")
+    return fields[0], fields[1], target
 
 
 def read_manifest(path, root_map=(), task="pretrain", errors=None):
-    """Samples of a manifest: one per line, `<video> <audio> <label...>` separated by spaces.
-
-    Pre-training rows may be `<video>` alone (the audio is the video file's own stream). Paths are
-    rewritten by `root_map`, then taken relative to the manifest's folder if they are relative. A
-    row that does not parse raises DataError naming file:line, or, when `errors` is a list, is
-    appended to it and skipped. Blank lines and lines starting with '#' are ignored.
-    """
+    """Samples of a manifest: `<video> <audio> <label...>` per line (pre-training: `<video>` may stand
+    alone). Paths are rewritten by `root_map`, relative ones taken from the manifest's folder. A bad row
+    raises DataError naming file:line, or is appended to `errors` (a list) and skipped."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: one of {TASKS}")
     base = os.path.dirname(os.path.abspath(path))
@@ -185,6 +180,19 @@ def guess_task(path):
 # ----------------------------------------------------------------------------------------------
 # 2. Decoding
 
+class _Frames:
+    """The frames of a sample, used in a `with` block."""
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def _open(path):
     """av.open, telling apart the two usual files in which FFmpeg finds no media at all."""
     try:
@@ -198,16 +206,11 @@ def _open(path):
         raise DataError(f"{path}: not a media file FFmpeg can read ({os.path.getsize(path)} bytes)") from None
 
 
-class VideoFile:
-    """A video file read through PyAV; any container and codec FFmpeg reads.
-
-    The file is opened and demuxed once: its packets stay in memory while the object lives (use it
-    in a `with` block). Frame i is the i-th frame in display order; its timestamp comes from the
-    demuxer, so any frame rate works. Reading a clip decodes from the keyframe before its first
-    frame, and only the frames that it needs or that later frames refer to (FFmpeg skips the
-    non-reference frames that the clip does not show). With `audio=True` the file's first audio
-    stream is demuxed in the same pass: `self.audio` is a Waveform of it.
-    """
+class VideoFile(_Frames):
+    """A video file of any container and codec FFmpeg reads, demuxed once (the packets stay in memory).
+    Frame i is the i-th in display order, timed by the demuxer. A clip decodes from the keyframe before
+    it, skipping the non-reference frames it does not show. `audio=True`: `self.audio`, a Waveform of
+    the first audio stream, demuxed in the same pass."""
 
     def __init__(self, path, audio=False):
         self.path = path
@@ -250,12 +253,6 @@ class VideoFile:
             self.container.close()
             self.container = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __len__(self):
         return len(self.pts)
 
@@ -272,8 +269,7 @@ class VideoFile:
         """Frames at `indices` as uint8 (T, 3, H, W)."""
         wanted = {self.pts[i] for i in indices}
         first = self.pts[min(indices)]
-        # Start at the last keyframe (in decoding order) that is shown at or before the first frame;
-        # if that misses a frame, decode from the start.
+        # From the last keyframe shown at or before the first frame; if that misses a frame, from the start.
         start = max((j for j, p in enumerate(self.packets) if p.is_keyframe and p.pts <= first), default=0)
         for begin in dict.fromkeys((start, 0)):
             frames = self._decode(wanted, begin)
@@ -286,9 +282,8 @@ class VideoFile:
 
     def _decode(self, wanted, begin):
         frames = {}
-        # One reformatter per clip keeps its conversion context (frame.to_rgb() rebuilds it for every
-        # frame), and one thread is 15x faster on clip-sized frames. Never share one with threads
-        # across processes: its thread pool does not survive a fork, and a loader worker would hang.
+        # One reformatter per clip keeps its conversion context (frame.to_rgb() rebuilds it per frame);
+        # one thread: a reformatter's thread pool does not survive a fork, and a loader worker would hang.
         to_rgb = av.video.reformatter.VideoReformatter()
         codec = self.stream.codec_context
         with _reading(self.path, "video"):
@@ -313,7 +308,7 @@ def _read_image(path):
         return decode_image(path, mode=ImageReadMode.RGB)
 
 
-class FrameFolder:
+class FrameFolder(_Frames):
     """A folder of jpg/png/bmp frames in name order (OpenFace writes frame_det_00_000001.bmp)."""
 
     def __init__(self, path):
@@ -325,18 +320,11 @@ class FrameFolder:
         self.files = [os.path.join(path, n) for n in names]
         self.audio = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
     def __len__(self):
         return len(self.files)
 
     def audio_span(self, first, last, num_samples):
-        """Samples between frames `first` and `last`: frame i of n sits at i / (n - 1) of the
-        audio's length (the authors' convention; a frame folder has no frame rate)."""
+        """Samples between frames `first` and `last`: frame i of n at i / (n - 1) of the audio (the authors')."""
         if len(self) == 1:
             return 0, 0
         return int(first / (len(self) - 1) * num_samples), int(last / (len(self) - 1) * num_samples)
@@ -369,8 +357,7 @@ class Waveform:
 
 
 class WavFile:
-    """A 16 kHz mono 16-bit PCM .wav: a window's samples are read from the file, nothing else. The
-    values equal PyAV's decoding (int16 / 32768)."""
+    """A 16 kHz mono 16-bit PCM .wav: a window is read from the file, equal to PyAV's decoding (int16 / 32768)."""
 
     def __init__(self, path):
         self.path = path
@@ -387,27 +374,20 @@ class WavFile:
         return torch.from_numpy(pcm.astype(np.float32) / 32768)[None]
 
 
-def _is_plain_wav(path):
-    """True for a 16 kHz mono 16-bit PCM .wav file, the one WavFile reads."""
-    if not path.lower().endswith(".wav"):
-        return False
-    try:
-        with wave.open(path, "rb") as f:
-            return (f.getnchannels(), f.getsampwidth(), f.getframerate()) == (1, 2, SAMPLE_RATE)
-    except (wave.Error, EOFError, OSError):
-        return False  # PyAV names what is wrong
-
-
 def open_audio(path):
-    """A WavFile for a 16 kHz mono PCM wav; otherwise the decoded Waveform (read_audio)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    return WavFile(path) if _is_plain_wav(path) else Waveform(read_audio(path))
+    """A WavFile for a 16 kHz mono 16-bit PCM .wav; otherwise the decoded Waveform (read_audio)."""
+    if path.lower().endswith(".wav"):
+        try:
+            with wave.open(path, "rb") as f:
+                if (f.getnchannels(), f.getsampwidth(), f.getframerate()) == (1, 2, SAMPLE_RATE):
+                    return WavFile(path)
+        except (wave.Error, EOFError, OSError):
+            pass  # read_audio names what is wrong
+    return Waveform(read_audio(path))
 
 
 def read_audio(path):
-    """The first audio stream of any container (wav, m4a, flac, mp4, webm, ...) as float32 (1, N),
-    mono (mean of the channels), 16 kHz."""
+    """The first audio stream of any container (wav, m4a, mp4, ...) as 16 kHz mono float32 (1, N)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     with _reading(path, "audio"), _open(path) as container:
@@ -444,10 +424,9 @@ def random_start(num_available, span, generator):
 
 
 def test_clips(num_available, num_frames, stride, num_clips):
-    """Frame indices of the test clips, by the authors' rule: the list 0, stride, 2 stride, ... below
-    num_available, padded with its last entry to num_frames entries (L in all); clip k of K takes
-    num_frames entries from position int(k * (L - num_frames) / (K - 1)). One clip: the centre one
-    (their code divides by zero there)."""
+    """Frame indices of the test clips, the authors' rule: 0, stride, 2 stride, ... below num_available,
+    padded with the last to num_frames (L entries); clip k of K from position int(k * (L - num_frames) / (K - 1)).
+    One clip: the centre one (their code divides by zero there)."""
     index = list(range(0, num_available, stride))
     index += [index[-1]] * (num_frames - len(index))
     room = len(index) - num_frames
@@ -466,9 +445,8 @@ def clip_indices(num_available, start, num_frames, stride):
 
 
 def audio_window(video, audio, first, last, audio_frames, path):
-    """The audio (a Waveform or WavFile) between frames `first` and `last` (video.audio_span). A window
-    of MIN_AUDIO_SAMPLES or fewer falls back to the whole file when the file is shorter than
-    `audio_frames` feature frames (10 ms each), and is an error otherwise."""
+    """The audio between frames `first` and `last`. A window of MIN_AUDIO_SAMPLES or fewer is the whole
+    file when that is shorter than `audio_frames` feature frames (10 ms each), else an error."""
     start, stop = video.audio_span(first, last, audio.num_samples)
     if stop - start > MIN_AUDIO_SAMPLES:
         return audio.window(start, stop)
@@ -478,9 +456,9 @@ def audio_window(video, audio, first, last, audio_frames, path):
                     f"{audio.num_samples / SAMPLE_RATE:.2f} s of audio; is the audio shorter than the video?")
 
 
-class AudioTimeline:
-    """The frames of an audio-only sample: AUDIO_ONLY_FPS black frames per second of its audio, so that
-    its clips and their audio windows follow the rules of a video's."""
+class AudioTimeline(_Frames):
+    """The frames of an audio-only sample: AUDIO_ONLY_FPS per second of its audio, so that its clips and
+    their audio windows follow the rules of a video's."""
 
     def __init__(self, num_samples):
         self.num_frames = max(1, num_samples * AUDIO_ONLY_FPS // SAMPLE_RATE)
@@ -491,12 +469,6 @@ class AudioTimeline:
     def audio_span(self, first, last, num_samples):
         return (min(first * SAMPLE_RATE // AUDIO_ONLY_FPS, num_samples),
                 min(last * SAMPLE_RATE // AUDIO_ONLY_FPS, num_samples))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
 
 
 def _has_video(path):
@@ -511,16 +483,12 @@ MODALITIES = ("av", "audio", "video")
 
 
 def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1, modality="av"):
-    """Decode clips of a sample: a list of (frames uint8 (T, 3, H, W), waveform (1, n) 16 kHz).
+    """Clips of a sample, each file opened once: a list of (frames uint8 (T, 3, H, W), waveform (1, n)).
 
-    Training (a `generator`): one clip at a random start; its audio runs from the clip's first frame
-    to frames x stride frames later, capped at the last frame. Test (`generator` None): the authors'
-    `num_clips` clips (test_clips); the audio runs from the first frame to one stride after the last,
-    capped at the last frame, as theirs. Each file is opened once. A model of one modality needs only
-    that one: with modality "audio" the frames are None (a video is demuxed for its timestamps, not
-    decoded; audio without a video stream, sample.video None or a file holding only audio, is placed on
-    AudioTimeline's frames); with "video" the waveforms are None (the audio is not read).
-    Raises DataError naming the row (if any), the path and the reason.
+    Training (a `generator`): one clip at a random start, its audio up to frames x stride frames after its
+    first frame. Test: the authors' `num_clips` clips (test_clips), the audio up to one stride after the
+    last frame, as theirs; both capped at the video's last frame. Modality "audio": frames None (a video
+    is only demuxed; audio alone lies on AudioTimeline's frames); "video": waveforms None (not read).
     """
     span = num_frames * sampling_rate
     own_audio = sample.audio is None or sample.audio == sample.video
@@ -557,9 +525,8 @@ def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generat
 # 4. Log-Mel features
 
 def fbank(waveform, num_frames=256, num_mel_bins=128):
-    """Normalised log-Mel features (num_frames, num_mel_bins) of a 16 kHz mono waveform (1, N),
-    N >= 400: Kaldi fbank of the zero-mean waveform, 25 ms windows every 10 ms, cut or zero-padded
-    to num_frames, then (x - FBANK_MEAN) / (2 * FBANK_STD)."""
+    """Log-Mel features (num_frames, num_mel_bins) of a 16 kHz waveform (1, N >= 400), as the authors:
+    Kaldi fbank, 25 ms windows every 10 ms, cut or zero-padded, then (x - FBANK_MEAN) / (2 * FBANK_STD)."""
     feats = torchaudio.compliance.kaldi.fbank(
         waveform - waveform.mean(), htk_compat=True, sample_frequency=SAMPLE_RATE, use_energy=False,
         window_type="hanning", num_mel_bins=num_mel_bins, dither=0.0, frame_shift=10, frame_length=25)
@@ -570,14 +537,6 @@ def fbank(waveform, num_frames=256, num_mel_bins=128):
 # ----------------------------------------------------------------------------------------------
 # 5. Masks (True = masked)
 
-def tube_mask(num_temporal, num_spatial, ratio, generator):
-    """One random pattern of int(ratio * num_spatial) masked positions, repeated in every temporal
-    slice (token index = t * num_spatial + s)."""
-    frame = torch.zeros(num_spatial, dtype=torch.bool)
-    frame[torch.randperm(num_spatial, generator=generator)[:int(ratio * num_spatial)]] = True
-    return frame.repeat(num_temporal)
-
-
 def random_mask(num_tokens, ratio, generator):
     """int(ratio * num_tokens) masked tokens at random."""
     mask = torch.zeros(num_tokens, dtype=torch.bool)
@@ -585,10 +544,14 @@ def random_mask(num_tokens, ratio, generator):
     return mask
 
 
+def tube_mask(num_temporal, num_spatial, ratio, generator):
+    """One random_mask of the spatial positions, repeated in every temporal slice (token t * num_spatial + s)."""
+    return random_mask(num_spatial, ratio, generator).repeat(num_temporal)
+
+
 # ----------------------------------------------------------------------------------------------
-# 6. Transforms. Video: uint8 (T, 3, H, W) in, float (T, 3, S, S) ImageNet-normalised out; the
-# same crop and augmentation for every frame of a clip. torchvision's random transforms draw from
-# torch's global generator: run them inside seeded_global_rng(generator).
+# 6. Transforms: one crop and augmentation for all frames of a clip. torchvision's random transforms
+# draw from torch's global generator: run them inside seeded_global_rng(generator).
 
 def item_generator(seed, epoch, index):
     """The generator of every random choice of one item."""
@@ -609,15 +572,13 @@ _SHIFT = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / torch.tensor(IMAGENET_STD).
 
 
 def normalize(frames):
-    """uint8 (..., 3, H, W) -> float in [0, 1], ImageNet-normalised (in place: several times faster
-    than out-of-place ops on clip-sized tensors)."""
-    return frames.float().mul_(_SCALE).sub_(_SHIFT)
+    """uint8 (..., 3, H, W) -> ImageNet-normalised float (in place: several times faster on clip-sized tensors)."""
+    return frames.float().mul_(_SCALE.to(frames.device)).sub_(_SHIFT.to(frames.device))
 
 
 def multiscale_crop(frames, size, generator):
-    """The pre-training crop (the authors' multi-scale crop): width and height each one of
-    MULTISCALE_SCALES of the short side, at most one step apart, at one of the 13
-    MULTISCALE_POSITIONS, resized to size x size."""
+    """The authors' multi-scale crop: width and height each one of MULTISCALE_SCALES of the short side,
+    at most one step apart, at one of the MULTISCALE_POSITIONS, resized to size x size."""
     height, width = frames.shape[-2:]
     sides = [int(min(height, width) * s) for s in MULTISCALE_SCALES]
     pairs = [(h, w) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
@@ -630,41 +591,33 @@ def multiscale_crop(frames, size, generator):
 def finetune_train_transform(img_size, scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7):
     """Fine-tuning augmentation of uint8 frames: random resized crop, flip, RandAugment. The
     normalisation and random erasing follow on the device (erasing_box, normalize_batch)."""
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandAugment(num_ops=rand_ops, magnitude=rand_magnitude),
-    ])
+    return v2.Compose([v2.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True),
+                       v2.RandomHorizontalFlip(), v2.RandAugment(num_ops=rand_ops, magnitude=rand_magnitude)])
 
 
 def erasing_box(frames, prob):
-    """The box of torchvision's RandomErasing(p=prob, value="random") for frames (T, 3, H, W), as
-    int64 (top, left, height, width), all 0 for none. It draws from the global generator exactly as
-    that transform does (its noise included), so the rest of the item is what the transform left;
-    normalize_batch fills the box with standard normal noise after normalising, as the transform."""
-    eraser = v2.RandomErasing(p=prob, value="random")
-    if torch.rand(1) >= prob:
-        return torch.zeros(4, dtype=torch.long)
-    box = eraser.make_params([frames])
-    if box["v"] is None:  # no box fitted in ten tries
-        return torch.zeros(4, dtype=torch.long)
-    return torch.tensor([box["i"], box["j"], box["h"], box["w"]])
+    """The box of torchvision's RandomErasing(p=prob, value="random") for frames (T, 3, H, W), int64
+    (top, left, height, width), zeros for none; it draws from the global generator as that transform
+    does (its noise included). normalize_batch fills the box."""
+    if torch.rand(1) < prob:
+        box = v2.RandomErasing(p=prob, value="random").make_params([frames])
+        if box["v"] is not None:  # None: no box fitted in ten tries
+            return torch.tensor([box["i"], box["j"], box["h"], box["w"]])
+    return torch.zeros(4, dtype=torch.long)
 
 
 def normalize_batch(batch):
-    """On the device, in the training step: a batch's uint8 video (B, 3, T, H, W) (or a pre-training
-    item's (3, T, H, W)) -> ImageNet-normalised float; then each fine-tuning item's `erase` box filled
-    with standard normal noise, the same in every frame, as RandomErasing (masked on the device:
-    nothing is read back to the host). Other batches pass as they are."""
+    """In the training step, on the device: a batch's uint8 video (B, 3, T, H, W) normalised, then each
+    item's `erase` box filled with standard normal noise in every frame, as RandomErasing. Other batches
+    pass as they are."""
     video = batch.get("video")
     if video is None or video.dtype != torch.uint8:
         return batch
-    scale, shift = (x.to(video.device).view(3, 1, 1, 1) for x in (_SCALE, _SHIFT))
-    video = video.float().mul_(scale).sub_(shift)  # as normalize
+    video = normalize(video.transpose(-4, -3)).transpose(-4, -3)
     if "erase" in batch:
         top, left, height, width = batch["erase"].T[..., None]  # (B, 1) each
         rows, cols = (torch.arange(n, device=video.device) for n in video.shape[-2:])
-        inside = (((rows >= top) & (rows < top + height))[:, :, None] & ((cols >= left) & (cols < left + width))[:, None])
+        inside = ((rows >= top) & (rows < top + height))[:, :, None] & ((cols >= left) & (cols < left + width))[:, None]
         noise = torch.randn(video.shape[0], 3, 1, *video.shape[-2:], device=video.device)
         video = torch.where(inside[:, None, None], noise, video)
     return dict(batch, video=video)
@@ -674,13 +627,9 @@ TEST_VIEWS = ("authors", "short_side")
 
 
 def test_views(frames, img_size, num_crops, views="authors"):
-    """Test-time crops of a clip, uint8 (T, 3, S, S) each.
-
-    "authors" (theirs, the default): every frame resized to exactly img_size x img_size with Pillow's
-    bilinear filter, the aspect ratio ignored, so the num_crops crops are the whole frame (and equal).
-    "short_side": the short side resized to img_size (torch's antialiased bilinear), then num_crops
-    square crops evenly spaced along the long side (one crop: the centre); the aspect ratio is kept.
-    """
+    """Test-time crops of a clip, uint8 (T, 3, S, S) each. "authors" (theirs): the whole frame resized to
+    img_size x img_size with Pillow's bilinear filter, num_crops times. "short_side": the short side
+    resized to img_size, then num_crops square crops evenly spaced along the long side (one: the centre)."""
     if views == "authors":
         size = (img_size, img_size)
         images = frames.permute(0, 2, 3, 1).contiguous().numpy()
@@ -704,8 +653,9 @@ def roll_and_gain(waveform):
 
 
 def spec_mask(feats, freqm, timem):
-    """Optional frequency and time masking (global RNG) of normalised features (T, F). The masked
-    value is that of a raw log-Mel 0, as the authors mask before normalising."""
+    """Optional frequency and time masking (global RNG) of normalised features (T, F), with the value of
+    a raw log-Mel 0 (the authors mask before normalising)."""
+
     value = -FBANK_MEAN / (2 * FBANK_STD)
     x = feats.T[None]  # (1, F, T)
     if freqm:
@@ -720,14 +670,12 @@ def spec_mask(feats, freqm, timem):
 
 class _ClipDataset(torch.utils.data.Dataset):
     """What the pre-training and fine-tuning sets share: samples, the clip geometry of the model's
-    configuration (cfg: img_size, num_frames, audio_frames, mel_bins), seeding, and the replacement of
-    bad samples during training."""
+    configuration (cfg), seeding, and the replacement of bad samples during training."""
 
     def __init__(self, samples, cfg, sampling_rate, seed, strict, max_retries, modality="av"):
         if modality not in MODALITIES:
             raise ValueError(f"modality is one of {MODALITIES}, got {modality!r}")
-        self.samples = list(samples)
-        self.modality = modality
+        self.samples, self.modality = list(samples), modality
         self.img_size, self.num_frames, self.sampling_rate = cfg.img_size, cfg.num_frames, sampling_rate
         self.audio_frames, self.num_mel_bins = cfg.audio_frames, cfg.mel_bins
         self.seed, self.strict, self.max_retries = seed, strict, max_retries
@@ -736,16 +684,9 @@ class _ClipDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    @property
-    def epoch(self):
-        return int(self._epoch)
-
     def set_epoch(self, epoch):
         """Call before each epoch's iterator is created; the loader's workers, persistent or not, see it."""
         self._epoch.fill_(epoch)
-
-    def _features(self, waveform):
-        return fbank(waveform, self.audio_frames, self.num_mel_bins)
 
     def _load_training_clip(self, index, generator):
         """(sample, frames, waveform, bad): a failing row is replaced by a random other one, with a
@@ -768,8 +709,9 @@ class _ClipDataset(torch.utils.data.Dataset):
 
 
 class PretrainDataset(_ClipDataset):
-    """Pre-training items: a clip with the multi-scale crop (uint8; normalize_batch normalises it on
-    the device), the audio that follows it, and masks (tube masking for video, random masking for audio)."""
+    """Pre-training items: a clip with the multi-scale crop (uint8, for normalize_batch), the audio that
+    follows it, and masks (tube masking for video, random masking for audio)."""
+
 
     def __init__(self, samples, cfg, *, sampling_rate=4, seed=0, strict=False, max_retries=10):
         super().__init__(samples, cfg, sampling_rate, seed, strict, max_retries)
@@ -777,34 +719,29 @@ class PretrainDataset(_ClipDataset):
         self.video_mask_ratio, self.audio_mask_ratio = cfg.video_mask_ratio, cfg.audio_mask_ratio
 
     def __getitem__(self, index):
-        generator = item_generator(self.seed, self.epoch, index)
+        generator = item_generator(self.seed, int(self._epoch), index)
         _, frames, waveform, bad = self._load_training_clip(index, generator)
         video = multiscale_crop(frames, self.img_size, generator)  # uint8: normalize_batch on the device
         return dict(
             video=video.permute(1, 0, 2, 3),
-            audio=self._features(waveform)[None],
+            audio=fbank(waveform, self.audio_frames, self.num_mel_bins)[None],
             video_mask=tube_mask(*self.video_tokens, self.video_mask_ratio, generator),
             audio_mask=random_mask(self.audio_tokens, self.audio_mask_ratio, generator),
             index=index, bad=bad)
 
 
 def _target_tensor(target):
-    if isinstance(target, int):
-        return torch.tensor(target, dtype=torch.long)
-    return torch.tensor(target, dtype=torch.float32)
+    return torch.tensor(target, dtype=torch.long if isinstance(target, int) else torch.float32)
 
 
 class FinetuneDataset(_ClipDataset):
-    """Fine-tuning items with their target.
+    """Fine-tuning items with their target (test rows may be unlabelled).
 
-    train=True: one augmented clip as uint8 video (random resized crop, flip, RandAugment) with the box
-    of its random erasing (`erase`; normalize_batch normalises and erases on the device), and audio with
-    roll-and-gain and optional frequency/time masking; `modality` "audio" or "video" leaves the other
-    out of the item (neither decoded nor read). train=False: the authors' num_clips clips
-    (test_clips) x num_crops crops (test_views, by `test_views`), stacked as V = num_clips * num_crops
-    views (clip-major; the crops of a clip share its audio); no audio gain at test time (the authors'
-    code draws a random one there). A test row that fails raises DataError; test rows may be unlabelled.
-    modality "audio" or "video": only that stream is read (load_clips); the other is black or silent.
+    train=True: one clip as uint8 video (random resized crop, flip, RandAugment) with its erasing box
+    (`erase`, for normalize_batch), audio with roll-and-gain and optional frequency/time masking; a model
+    of one modality gets only its own stream. train=False: num_clips clips x num_crops test_views,
+    clip-major (V = num_clips * num_crops; a clip's crops share its audio), normalised; no audio gain (the
+    authors' code draws one there); a model of one modality gets black frames or silence for the other.
     """
 
     def __init__(self, samples, cfg, *, train, sampling_rate=4, num_clips=2, num_crops=2, seed=0, strict=False,
@@ -823,7 +760,7 @@ class FinetuneDataset(_ClipDataset):
     def __getitem__(self, index):
         if not self.train:
             return self._test_item(index)
-        generator = item_generator(self.seed, self.epoch, index)
+        generator = item_generator(self.seed, int(self._epoch), index)
         sample, frames, waveform, bad = self._load_training_clip(index, generator)
         item = dict(target=_target_tensor(sample.target), index=index, bad=bad)
         with seeded_global_rng(generator):
@@ -833,7 +770,8 @@ class FinetuneDataset(_ClipDataset):
             if waveform is not None:
                 if self.roll_gain:
                     waveform = roll_and_gain(waveform)
-                item["audio"] = spec_mask(self._features(waveform), self.freqm, self.timem)[None]
+                item["audio"] = spec_mask(fbank(waveform, self.audio_frames, self.num_mel_bins), self.freqm,
+                                          self.timem)[None]
         return item
 
     def _test_item(self, index):
@@ -845,7 +783,7 @@ class FinetuneDataset(_ClipDataset):
                 waveform = torch.zeros(1, self.audio_frames * SAMPLE_RATE // 100)
             if frames is None:  # an audio model: black frames in place of the video it does not decode
                 frames = torch.zeros(self.num_frames, 3, self.img_size, self.img_size, dtype=torch.uint8)
-            audio = self._features(waveform)[None]
+            audio = fbank(waveform, self.audio_frames, self.num_mel_bins)[None]
             for crop in test_views(frames, self.img_size, self.num_crops, self.test_views):
                 videos.append(normalize(crop).permute(1, 0, 2, 3))
                 audios.append(audio)
@@ -856,11 +794,9 @@ class FinetuneDataset(_ClipDataset):
 
 
 class BadSampleMonitor:
-    """Counts the samples that failed and were replaced during training (the items' `bad`) with the rows
-    asked for that failed, and judges their share: too many once more than `max_bad_fraction` of the
-    samples tried failed, judged once at least 1 / max_bad_fraction samples were tried. update() counts
-    a batch of this process; take() hands over what was counted since; check() takes the counts of
-    every process (summed by the caller) and says when to stop."""
+    """Counts the samples replaced during training (the items' `bad`) and the rows that failed: update()
+    counts a batch of this process, take() hands the counts over, check() judges every process's sums:
+    too many once more than max_bad_fraction of at least 1 / max_bad_fraction samples tried failed."""
 
     def __init__(self, samples, max_bad_fraction=0.01):
         self.samples, self.max_bad_fraction = samples, max_bad_fraction
