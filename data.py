@@ -1,9 +1,6 @@
-"""Data for HiCMAE: from files on disk to the model's tensors.
-
-In the order the data flows: manifests, decoding (PyAV, frame folders, 16 kHz mono audio), clip
-sampling, log-Mel features, masks, transforms, data sets, and the command line
-(python data.py check|scan). Every random choice of an item comes from a generator seeded by
-(seed, epoch, index), so an item does not depend on the number of workers or processes.
+"""Data for HiCMAE, in the order the data flows: manifests, decoding, clip sampling, log-Mel features, masks,
+transforms, data sets, and the command line (python data.py check|scan). Every random choice of an item comes
+from a generator seeded by (seed, epoch, index): an item does not depend on the number of workers or processes.
 """
 
 import argparse
@@ -28,7 +25,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from model import IMAGENET_MEAN, IMAGENET_STD, HiCMAEConfig  # the model's input normalisation and geometry
 
-# ----------------------------------------------------------------------------------------------
 # 0. Constants and the error type
 
 FBANK_MEAN = -4.2677393  # AudioSet statistics of the log-Mel features, as the authors
@@ -46,7 +42,7 @@ MULTISCALE_POSITIONS = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), 
 
 
 class DataError(Exception):
-    """A sample that cannot be used. The message names the manifest row, the path and the reason."""
+    """A sample that cannot be used; the message names the manifest row, the path and the reason."""
 
 
 @contextmanager
@@ -61,7 +57,6 @@ def _reading(path, what):
         raise DataError(f"{path}: cannot read {what}: {reason}") from None
 
 
-# ----------------------------------------------------------------------------------------------
 # 1. Manifests
 
 @dataclass
@@ -138,9 +133,8 @@ def _parse_row(fields, task, row):
 
 
 def read_manifest(path, root_map=(), task="pretrain", errors=None):
-    """Samples of a manifest: `<video> <audio> <label...>` per line (pre-training: `<video>` may stand
-    alone). Paths are rewritten by `root_map`, relative ones taken from the manifest's folder. A bad row
-    raises DataError naming file:line, or is appended to `errors` (a list) and skipped."""
+    """Samples of a manifest, `<video> <audio> <label...>` per line (pre-training: `<video>` may stand alone),
+    paths rewritten by `root_map`; a bad row raises DataError naming file:line, or goes to `errors` (a list)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: one of {TASKS}")
     base = os.path.dirname(os.path.abspath(path))
@@ -177,11 +171,10 @@ def guess_task(path):
     return "pretrain"
 
 
-# ----------------------------------------------------------------------------------------------
 # 2. Decoding
 
 class _Frames:
-    """The frames of a sample, used in a `with` block."""
+    """The frames of a sample (a video file, a frame folder, an audio timeline), used in a `with` block."""
 
     def close(self):
         pass
@@ -207,14 +200,11 @@ def _open(path):
 
 
 class VideoFile(_Frames):
-    """A video file of any container and codec FFmpeg reads, demuxed once (the packets stay in memory).
-    Frame i is the i-th in display order, timed by the demuxer. A clip decodes from the keyframe before
-    it, skipping the non-reference frames it does not show. `audio=True`: `self.audio`, a Waveform of
-    the first audio stream, demuxed in the same pass."""
+    """A video file of any container and codec FFmpeg reads, demuxed once (the packets stay in memory);
+    frame i is the i-th in display order. `audio=True`: `self.audio` is a Waveform of its audio stream."""
 
     def __init__(self, path, audio=False):
         self.path = path
-        self.container = None
         with _reading(path, "video"):
             self.container = _open(path)
             try:
@@ -229,13 +219,11 @@ class VideoFile(_Frames):
             raise DataError(f"{path}: no video stream")
         self.stream = container.streams.video[0]
         self.stream.thread_type = "NONE"  # one thread per loader worker; the workers are the parallelism
-        audio_stream = None
-        if audio:
-            if not container.streams.audio:
-                raise DataError(f"{path}: no audio stream ({AUDIO_HINT})")
-            audio_stream = container.streams.audio[0]
+        if audio and not container.streams.audio:
+            raise DataError(f"{path}: no audio stream ({AUDIO_HINT})")
+        streams = [self.stream, container.streams.audio[0]] if audio else [self.stream]
         self.packets, audio_packets = [], []
-        for packet in container.demux([s for s in (self.stream, audio_stream) if s is not None]):
+        for packet in container.demux(streams):
             if packet.size:
                 (self.packets if packet.stream is self.stream else audio_packets).append(packet)
         declared, self.time_base = self.stream.frames, self.stream.time_base
@@ -246,12 +234,10 @@ class VideoFile(_Frames):
             raise DataError(f"{path}: the video stream holds no frames")
         if declared and len(self.packets) < declared:
             raise DataError(f"{path}: truncated: {len(self.packets)} of {declared} video frames present")
-        self.audio = _decode_audio(path, audio_stream, audio_packets) if audio else None
+        self.audio = _decode_audio(path, streams[1], audio_packets) if audio else None
 
     def close(self):
-        if self.container is not None:
-            self.container.close()
-            self.container = None
+        self.container.close()
 
     def __len__(self):
         return len(self.pts)
@@ -266,10 +252,10 @@ class VideoFile(_Frames):
                 min(round(self.time(last) * SAMPLE_RATE), num_samples))
 
     def read(self, indices):
-        """Frames at `indices` as uint8 (T, 3, H, W)."""
+        """Frames at `indices` as uint8 (T, 3, H, W), decoded from the last keyframe shown at or before the
+        first one (from the start if that misses a frame), skipping the non-reference frames not shown."""
         wanted = {self.pts[i] for i in indices}
         first = self.pts[min(indices)]
-        # From the last keyframe shown at or before the first frame; if that misses a frame, from the start.
         start = max((j for j, p in enumerate(self.packets) if p.is_keyframe and p.pts <= first), default=0)
         for begin in dict.fromkeys((start, 0)):
             frames = self._decode(wanted, begin)
@@ -415,8 +401,7 @@ def _decode_audio(path, stream, packets):
     return Waveform(waveform)
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. Clip sampling and the audio window
+# 3. Clip sampling, the audio window, log-Mel features and masks
 
 def random_start(num_available, span, generator):
     """First frame of a training clip, uniform over the starts that fit (0 for a short video)."""
@@ -424,9 +409,8 @@ def random_start(num_available, span, generator):
 
 
 def test_clips(num_available, num_frames, stride, num_clips):
-    """Frame indices of the test clips, the authors' rule: 0, stride, 2 stride, ... below num_available,
-    padded with the last to num_frames (L entries); clip k of K from position int(k * (L - num_frames) / (K - 1)).
-    One clip: the centre one (their code divides by zero there)."""
+    """The authors' test clips: 0, stride, 2 stride, ... below num_available, padded with the last to num_frames
+    (L entries); clip k of K from entry int(k * (L - num_frames) / (K - 1)); one clip: the centre one."""
     index = list(range(0, num_available, stride))
     index += [index[-1]] * (num_frames - len(index))
     room = len(index) - num_frames
@@ -435,8 +419,8 @@ def test_clips(num_available, num_frames, stride, num_clips):
 
 
 def clip_indices(num_available, start, num_frames, stride):
-    """Frame indices of a clip: `num_frames` frames `stride` apart from `start`. A video shorter
-    than the span gets indices spread over all its frames, then its last frame repeated."""
+    """Frame indices of a training clip: `num_frames` frames `stride` apart from `start`; a video shorter than
+    the span gets indices spread over all its frames, then its last frame repeated."""
     if num_available >= num_frames * stride:
         return [start + stride * j for j in range(num_frames)]
     k = max(1, min(num_frames, num_available // stride))
@@ -457,8 +441,7 @@ def audio_window(video, audio, first, last, audio_frames, path):
 
 
 class AudioTimeline(_Frames):
-    """The frames of an audio-only sample: AUDIO_ONLY_FPS per second of its audio, so that its clips and
-    their audio windows follow the rules of a video's."""
+    """AUDIO_ONLY_FPS frames per second of audio without video: its clips follow the rules of a video's."""
 
     def __init__(self, num_samples):
         self.num_frames = max(1, num_samples * AUDIO_ONLY_FPS // SAMPLE_RATE)
@@ -484,12 +467,9 @@ MODALITIES = ("av", "audio", "video")
 
 def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1, modality="av"):
     """Clips of a sample, each file opened once: a list of (frames uint8 (T, 3, H, W), waveform (1, n)).
-
-    Training (a `generator`): one clip at a random start, its audio up to frames x stride frames after its
-    first frame. Test: the authors' `num_clips` clips (test_clips), the audio up to one stride after the
-    last frame, as theirs; both capped at the video's last frame. Modality "audio": frames None (a video
-    is only demuxed; audio alone lies on AudioTimeline's frames); "video": waveforms None (not read).
-    """
+    Training (a `generator`): one clip at a random start, its audio for frames x stride frames. Test: the
+    authors' `num_clips` clips, the audio up to one stride after the last frame; both capped at the last
+    frame. Modality "audio": frames None (not decoded); "video": waveforms None (not read)."""
     span = num_frames * sampling_rate
     own_audio = sample.audio is None or sample.audio == sample.video
     try:
@@ -521,9 +501,6 @@ def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generat
     return clips
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Log-Mel features
-
 def fbank(waveform, num_frames=256, num_mel_bins=128):
     """Log-Mel features (num_frames, num_mel_bins) of a 16 kHz waveform (1, N >= 400), as the authors:
     Kaldi fbank, 25 ms windows every 10 ms, cut or zero-padded, then (x - FBANK_MEAN) / (2 * FBANK_STD)."""
@@ -534,11 +511,8 @@ def fbank(waveform, num_frames=256, num_mel_bins=128):
     return (feats - FBANK_MEAN) / (2 * FBANK_STD)
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Masks (True = masked)
-
 def random_mask(num_tokens, ratio, generator):
-    """int(ratio * num_tokens) masked tokens at random."""
+    """int(ratio * num_tokens) masked tokens at random (True = masked)."""
     mask = torch.zeros(num_tokens, dtype=torch.bool)
     mask[torch.randperm(num_tokens, generator=generator)[:int(ratio * num_tokens)]] = True
     return mask
@@ -549,8 +523,7 @@ def tube_mask(num_temporal, num_spatial, ratio, generator):
     return random_mask(num_spatial, ratio, generator).repeat(num_temporal)
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Transforms: one crop and augmentation for all frames of a clip. torchvision's random transforms
+# 4. Transforms: one crop and augmentation for all frames of a clip. torchvision's random transforms
 # draw from torch's global generator: run them inside seeded_global_rng(generator).
 
 def item_generator(seed, epoch, index):
@@ -589,16 +562,14 @@ def multiscale_crop(frames, size, generator):
 
 
 def finetune_train_transform(img_size, scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7):
-    """Fine-tuning augmentation of uint8 frames: random resized crop, flip, RandAugment. The
-    normalisation and random erasing follow on the device (erasing_box, normalize_batch)."""
+    """Fine-tuning augmentation of uint8 frames: random resized crop, flip, RandAugment."""
     return v2.Compose([v2.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), antialias=True),
                        v2.RandomHorizontalFlip(), v2.RandAugment(num_ops=rand_ops, magnitude=rand_magnitude)])
 
 
 def erasing_box(frames, prob):
-    """The box of torchvision's RandomErasing(p=prob, value="random") for frames (T, 3, H, W), int64
-    (top, left, height, width), zeros for none; it draws from the global generator as that transform
-    does (its noise included). normalize_batch fills the box."""
+    """The box (top, left, height, width) of torchvision's RandomErasing(p=prob, value="random") for frames
+    (T, 3, H, W), zeros for none, drawn from the global generator as that transform draws."""
     if torch.rand(1) < prob:
         box = v2.RandomErasing(p=prob, value="random").make_params([frames])
         if box["v"] is not None:  # None: no box fitted in ten tries
@@ -608,8 +579,7 @@ def erasing_box(frames, prob):
 
 def normalize_batch(batch):
     """In the training step, on the device: a batch's uint8 video (B, 3, T, H, W) normalised, then each
-    item's `erase` box filled with standard normal noise in every frame, as RandomErasing. Other batches
-    pass as they are."""
+    item's `erase` box filled with standard normal noise in every frame, as RandomErasing."""
     video = batch.get("video")
     if video is None or video.dtype != torch.uint8:
         return batch
@@ -627,9 +597,8 @@ TEST_VIEWS = ("authors", "short_side")
 
 
 def test_views(frames, img_size, num_crops, views="authors"):
-    """Test-time crops of a clip, uint8 (T, 3, S, S) each. "authors" (theirs): the whole frame resized to
-    img_size x img_size with Pillow's bilinear filter, num_crops times. "short_side": the short side
-    resized to img_size, then num_crops square crops evenly spaced along the long side (one: the centre)."""
+    """Test-time crops of a clip, uint8 (T, 3, S, S). "authors": the whole frame resized to S x S (Pillow's
+    bilinear), num_crops times; "short_side": num_crops squares evenly spaced along the resized long side."""
     if views == "authors":
         size = (img_size, img_size)
         images = frames.permute(0, 2, 3, 1).contiguous().numpy()
@@ -655,7 +624,6 @@ def roll_and_gain(waveform):
 def spec_mask(feats, freqm, timem):
     """Optional frequency and time masking (global RNG) of normalised features (T, F), with the value of
     a raw log-Mel 0 (the authors mask before normalising)."""
-
     value = -FBANK_MEAN / (2 * FBANK_STD)
     x = feats.T[None]  # (1, F, T)
     if freqm:
@@ -665,8 +633,7 @@ def spec_mask(feats, freqm, timem):
     return x[0].T
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. Data sets
+# 5. Data sets
 
 class _ClipDataset(torch.utils.data.Dataset):
     """What the pre-training and fine-tuning sets share: samples, the clip geometry of the model's
@@ -689,8 +656,8 @@ class _ClipDataset(torch.utils.data.Dataset):
         self._epoch.fill_(epoch)
 
     def _load_training_clip(self, index, generator):
-        """(sample, frames, waveform, bad): a failing row is replaced by a random other one, with a
-        warning; `bad` counts the replacements. Strict mode raises instead."""
+        """(sample, frames, waveform, bad): a failing row is replaced by a random other one, with a warning
+        (strict: raises); `bad` counts the replacements."""
         bad = 0
         while True:
             sample = self.samples[index]
@@ -711,7 +678,6 @@ class _ClipDataset(torch.utils.data.Dataset):
 class PretrainDataset(_ClipDataset):
     """Pre-training items: a clip with the multi-scale crop (uint8, for normalize_batch), the audio that
     follows it, and masks (tube masking for video, random masking for audio)."""
-
 
     def __init__(self, samples, cfg, *, sampling_rate=4, seed=0, strict=False, max_retries=10):
         super().__init__(samples, cfg, sampling_rate, seed, strict, max_retries)
@@ -735,14 +701,10 @@ def _target_tensor(target):
 
 
 class FinetuneDataset(_ClipDataset):
-    """Fine-tuning items with their target (test rows may be unlabelled).
-
-    train=True: one clip as uint8 video (random resized crop, flip, RandAugment) with its erasing box
-    (`erase`, for normalize_batch), audio with roll-and-gain and optional frequency/time masking; a model
-    of one modality gets only its own stream. train=False: num_clips clips x num_crops test_views,
-    clip-major (V = num_clips * num_crops; a clip's crops share its audio), normalised; no audio gain (the
-    authors' code draws one there); a model of one modality gets black frames or silence for the other.
-    """
+    """Fine-tuning items. train=True: one clip as uint8 video (crop, flip, RandAugment) with its erasing box,
+    audio with roll-and-gain and optional frequency/time masking. train=False: num_clips x num_crops views,
+    clip-major, normalised; no audio gain (the authors' code draws one there); test rows may be unlabelled.
+    A model of one modality reads only its own stream (in a test item the other is black or silent)."""
 
     def __init__(self, samples, cfg, *, train, sampling_rate=4, num_clips=2, num_crops=2, seed=0, strict=False,
                  max_retries=10, scale=(0.08, 1.0), rand_ops=4, rand_magnitude=7, erase_prob=0.25, roll_gain=True,
@@ -794,9 +756,8 @@ class FinetuneDataset(_ClipDataset):
 
 
 class BadSampleMonitor:
-    """Counts the samples replaced during training (the items' `bad`) and the rows that failed: update()
-    counts a batch of this process, take() hands the counts over, check() judges every process's sums:
-    too many once more than max_bad_fraction of at least 1 / max_bad_fraction samples tried failed."""
+    """Counts the samples replaced during training (the items' `bad`) and their rows; check() says when more
+    than max_bad_fraction of at least 1 / max_bad_fraction samples tried, in all processes, failed."""
 
     def __init__(self, samples, max_bad_fraction=0.01):
         self.samples, self.max_bad_fraction = samples, max_bad_fraction
@@ -820,8 +781,7 @@ class BadSampleMonitor:
         return counted
 
     def check(self, bad, seen):
-        """Add the samples failed and tried (every process's, since the last check); a message once there
-        are too many failures, else None."""
+        """Add every process's samples failed and tried since the last check; a message if too many failed."""
         self.bad, self.seen = self.bad + bad, self.seen + seen
         if self.seen >= self.min_seen and self.bad > self.max_bad_fraction * self.seen:
             return (f"{self.bad} of {self.seen} samples failed to decode ({self.bad / self.seen:.1%}, more than "
@@ -830,12 +790,11 @@ class BadSampleMonitor:
         return None
 
 
-# ----------------------------------------------------------------------------------------------
-# 8. Command line: python data.py check|scan
+# 6. Command line: python data.py check|scan
 
 class _RowCheck(torch.utils.data.Dataset):
-    """Items of a strict data set, turned into (failed, message): the error, or a warning for a video
-    shorter than the clip span (its frames repeat), so that the loader goes on past a bad row."""
+    """Items of a strict data set as (failed, message): the error, or a warning for a video shorter than
+    the clip span (its frames repeat); the loader goes on past a bad row."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -857,9 +816,8 @@ class _RowCheck(torch.utils.data.Dataset):
 
 
 def check(manifest, root_map=(), workers=0, task=None, num_frames=16, sampling_rate=4):
-    """Decode every row as training does; print one line per failing row and a warning per video
-    shorter than the clip span (num_frames x sampling_rate), then `N ok, M failed`. Returns the number
-    of failed rows."""
+    """Decode every row as training does; print each failing row and short video, then `N ok, M failed`.
+    Returns the number of failed rows."""
     task = task or guess_task(manifest)
     errors = []
     samples = read_manifest(manifest, root_map, task, errors=errors)
@@ -881,9 +839,8 @@ def check(manifest, root_map=(), workers=0, task=None, num_frames=16, sampling_r
 
 
 def scan(root, out, audio_root=None):
-    """Write a pre-training manifest for a VoxCeleb2-style tree ROOT/idXXXXX/<youtube id>/NNNNN.mp4.
-    The audio is the file with the same relative name and a .m4a or .wav suffix under `audio_root`
-    when there is one, else the video file's own stream. Returns the number of rows."""
+    """Write a pre-training manifest for a VoxCeleb2-style tree ROOT/idXXXXX/<youtube id>/NNNNN.mp4; the audio
+    is the .m4a or .wav of the same relative name under `audio_root` if any, else the video's own stream."""
     videos = sorted(Path(root).glob("*/*/*.mp4"))
     separate = 0
     with open(out, "w") as f:
