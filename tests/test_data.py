@@ -251,7 +251,8 @@ def test_read_manifest_root_map_and_labels(tmp_path):
     assert data.guess_task(manifest) == "regression"
 
     manifest.write_text("/v/a.mp4 0\n/v/b.mp4 /a/b.wav\n/v/c.mp4\n")  # the authors write `<video> 0`
-    assert [(s.audio, s.target) for s in data.read_manifest(manifest)] == [(None, None), ("/a/b.wav", None), (None, None)]
+    expected = [(None, None), ("/a/b.wav", None), (None, None)]
+    assert [(s.audio, s.target) for s in data.read_manifest(manifest)] == expected
     assert data.guess_task(manifest) == "pretrain"
 
     manifest.write_text("/v/a.mp4 /a/a.wav 1\n/v/b.mp4 /a/b.wav happy\n/v/c.mp4 /a/c.wav\n")
@@ -288,7 +289,8 @@ def test_masks():
 
 def test_multiscale_crop_sizes_and_positions(monkeypatch):
     crops = []
-    monkeypatch.setattr(data.TF, "resized_crop", lambda x, top, left, h, w, size, antialias: crops.append((top, left, h, w)) or x)
+    monkeypatch.setattr(data.TF, "resized_crop",
+                        lambda x, top, left, h, w, size, antialias: crops.append((top, left, h, w)) or x)
     frames = torch.zeros(2, 3, 100, 180, dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
     for _ in range(400):
@@ -326,7 +328,8 @@ def _on_device(video, box):
     """normalize_batch of one item's uint8 frames (T, 3, H, W) and erasing box, as frames again (the
     erasing noise drawn from a seeded global generator, as in training, where the seed is --seed)."""
     with data.seeded_global_rng(torch.Generator().manual_seed(0)):
-        return data.normalize_batch(dict(video=video.permute(1, 0, 2, 3)[None], erase=box[None]))["video"][0].permute(1, 0, 2, 3)
+        batch = data.normalize_batch(dict(video=video.permute(1, 0, 2, 3)[None], erase=box[None]))
+        return batch["video"][0].permute(1, 0, 2, 3)
 
 
 def test_finetune_transform_is_one_transform_per_clip():
@@ -369,7 +372,8 @@ def test_normalising_and_erasing_on_the_device_equal_the_transform_on_the_host()
         if height:
             erased += 1
             assert not torch.equal(got[..., inside], expected[..., inside])  # noise, from another generator
-            assert not torch.isclose(expected[..., inside], data.normalize(video)[..., inside]).all()  # the host erased it too
+            # the host erased it too
+            assert not torch.isclose(expected[..., inside], data.normalize(video)[..., inside]).all()
         else:
             assert torch.equal(expected, data.normalize(video))  # the host erased nothing either
     assert 0 < erased < 8
@@ -593,4 +597,5 @@ def test_a_malformed_root_map_is_a_usage_error(tmp_path, capsys):
     manifest.write_text("a.mp4 a.mp4 0\n")
     with pytest.raises(SystemExit) as exit_:
         data.main(["check", str(manifest), "--root_map", "/no/equals/sign"])
-    assert exit_.value.code == 2 and "--root_map: a root map is OLD=NEW, got '/no/equals/sign'" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "--root_map: a root map is OLD=NEW, got '/no/equals/sign'" in capsys.readouterr().err

@@ -126,9 +126,11 @@ def test_an_item_opens_its_file_once_and_skips_the_modality_it_does_not_need(med
 
 
 def test_persistent_workers_see_each_epoch(media):
-    clips = [Sample(media.video(f"v{i}.mp4", 30), media.audio(f"a{i}.wav", 16000, 0.1 * np.ones((1, 19200), np.float32)),
+    tone = 0.1 * np.ones((1, 19200), np.float32)
+    clips = [Sample(media.video(f"v{i}.mp4", 30), media.audio(f"a{i}.wav", 16000, tone),
                     None, f"m.csv:{i}") for i in range(2)]
-    dataset = data.PretrainDataset(clips, HiCMAEConfig(img_size=32, num_frames=4, audio_frames=64, mel_bins=32), sampling_rate=2)
+    geometry = HiCMAEConfig(img_size=32, num_frames=4, audio_frames=64, mel_bins=32)
+    dataset = data.PretrainDataset(clips, geometry, sampling_rate=2)
     args = SimpleNamespace(batch_size=2, num_workers=1, seed=0)
     env = SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"))
     loader = pretrain.make_loader(dataset, args, env, train=False)
