@@ -21,9 +21,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import data
 from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEYS, SELECTION_KEY, compute_metrics,
@@ -31,7 +29,7 @@ from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEY
 from model import HiCMAEClassifier, HiCMAEConfig, checkpoint_config, configure_optimizer, load_checkpoint
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
-                      broadcast_object, check_output_dir, demo_manifests, make_loader, model_config, parse_args,
+                      broadcast_object, check_output_dir, close, demo_manifests, make_loader, model_config, parse_args,
                       resume_path, save_checkpoint, setup, train)
 
 # ----------------------------------------------------------------------------------------------
@@ -43,7 +41,7 @@ PRETRAIN_ONLY = ("decoder_dim", "decoder_heads", "decoder_depth", "skip_connecti
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=DEMO_EPILOG)
-    add_model_args(parser, unused=PRETRAIN_ONLY, drop_path=0.1)
+    add_model_args(parser, skip=PRETRAIN_ONLY, drop_path=0.1)
     add_training_args(parser, batch_size=14, epochs=100, base_lr=1e-3, min_lr=1e-6, betas=[0.9, 0.999],
                       output_dir="runs/finetune")
     g = parser.add_argument_group("fine-tuning")
@@ -133,7 +131,7 @@ def run_config(args):
     if args.init:
         ckpt = load_checkpoint(args.init)
         if isinstance(ckpt, dict) and "args" in ckpt:
-            cfg, run = checkpoint_config(ckpt, **{f.name: getattr(args, f.name) for f in fields(HiCMAEConfig)})
+            cfg, run = checkpoint_config(ckpt, **{f.name: getattr(args, f.name, None) for f in fields(HiCMAEConfig)})
             if run["authors"] and run["num_outputs"] is not None:
                 return cfg
     return model_config(args)
@@ -326,18 +324,13 @@ def main(argv=None):
     raw_model = build_model(args, cfg).to(env.device)
     torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path, mixup)
     optimizer = build_optimizer(raw_model, args, env.device.type)
-    scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
-    model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
-    if env.ddp:
-        model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     tester = Tester(args, env, raw_model, test_samples, log)
 
     def on_epoch_end(epoch):
         if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:
             tester(epoch)
 
-    finished = train(args, env, model, raw_model, optimizer, scaler, loader, finetuning_loss_fn(args), log,
-                     on_epoch_end)
+    finished = train(args, env, raw_model, optimizer, loader, finetuning_loss_fn(args), log, on_epoch_end)
     if finished and not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
         log("testing the model as it stands")
         tester(args.epochs - 1, select=False)
@@ -349,9 +342,7 @@ def main(argv=None):
                 f"select): {metric_text(tester.best, args.task)}, in {args.output_dir}/best.pth")
         written = sorted(p.name for p in Path(args.output_dir).iterdir() if p.is_file() and p.stat().st_mtime >= t0)
         log(f"done in {time.time() - t0:.0f} s; written in {args.output_dir}/: {', '.join(written)}")
-    if env.ddp:
-        del model  # free DDP before its process group: freed after it, a rank sometimes hung at exit (gloo)
-        dist.destroy_process_group()
+    close(env)
     return tester.last
 
 
