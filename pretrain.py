@@ -35,7 +35,6 @@ from model import (SIZES, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer
                    unpatchify_video)
 
 
-# ----------------------------------------------------------------------------------------------
 # 1. Arguments (shared with finetune.py)
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -52,8 +51,7 @@ DEMO_EPILOG = "Without --data_path the demo recipe replaces these defaults (expl
 
 
 def add_model_args(parser, skip=(), **defaults):
-    """One flag per field of HiCMAEConfig but those in `skip` (they keep their defaults); unset flags take the
-    --size preset, then the paper's value. defaults: the stage's own values of fields."""
+    """A flag per HiCMAEConfig field but `skip`'s; unset: the stage's `defaults`, the --size preset, the paper's."""
     group = parser.add_argument_group("model (defaults: the --size preset, then the paper's values)")
     group.add_argument("--size", default="base", choices=["tiny", "small", "base"], help="HiCMAE-T/S/B (default base)")
     for f in fields(HiCMAEConfig):
@@ -72,7 +70,6 @@ def add_model_args(parser, skip=(), **defaults):
 
 
 def model_config(args):
-    """The HiCMAEConfig of the flags given, over the --size preset."""
     overrides = {f.name: getattr(args, f.name) for f in fields(HiCMAEConfig) if getattr(args, f.name, None) is not None}
     return make_config(args.size, **overrides)
 
@@ -84,8 +81,7 @@ def add_training_args(parser, **defaults):
     data.add_root_map(g)
     g.add_argument("--sampling_rate", type=int, default=4, help="frame stride of a clip")
     g.add_argument("--max_bad_fraction", type=float, default=0.01,
-                   help="save and stop once more than this share of the samples tried could not be decoded, "
-                        "judged at logging steps and epoch ends (default 0.01)")
+                   help="save and stop once more than this share of the samples tried failed to decode")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=defaults["batch_size"], help="clips per GPU per micro-step")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-steps per optimiser step")
@@ -99,30 +95,26 @@ def add_training_args(parser, **defaults):
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     g = parser.add_argument_group("run")
     add_device_args(g)
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (and the pre-training loss), each one graph (fullgraph=True)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model and the loss (fullgraph=True)")
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order and augmentation")
     g.add_argument("--output_dir", default=defaults["output_dir"], help="checkpoints and log.jsonl")
-    g.add_argument("--resume", default=None,
-                   help="checkpoint to resume (default: output_dir/last.pth if any; none: start afresh)")
+    g.add_argument("--resume", help="checkpoint to resume (default: output_dir/last.pth if any; none: start afresh)")
     g.add_argument("--init", default=None, help="start from these weights only (ours or the authors')")
     g.add_argument("--save_every", type=int, default=10, help="keep a checkpoint every N epochs")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pth every N steps")
     g.add_argument("--stop_at_step", type=int, default=0,
                    help="save and stop after this many steps, the schedule unchanged (to split a run into jobs)")
-    g.add_argument("--time_limit", type=duration, default=None,
-                   help="save and stop before this much wall time since the start is spent (a job's limit): "
-                        "4h, 90m, 3600s or seconds (default: none)")
-    g.add_argument("--log_every", type=int, default=20, help="steps between log lines (and the last step of each epoch)")
+    g.add_argument("--time_limit", type=duration,
+                   help="save and stop before this much wall time is spent (a job's limit): 4h, 90m, 3600s or seconds")
+    g.add_argument("--log_every", type=int, default=20, help="steps between log lines (and each epoch's last)")
 
 
 def add_device_args(parser):
     """--device, --dtype and --num_workers, as every stage takes them."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                        help="autocast type (default: bf16 on cuda, fp32 on cpu; bf16 on cpu when asked; "
-                             "fp16 on cuda only)")
-    parser.add_argument("--num_workers", type=int, default=default_workers(),
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                        help="autocast type (default: bf16 on cuda, fp32 on cpu; fp16 on cuda only)")
+    parser.add_argument("--num_workers", type=int, default=min(8, cores_per_process()),
                         help="loader processes per GPU (default: the cores per process, at most 8: %(default)s here)")
 
 
@@ -155,7 +147,6 @@ def parse_args(parser, argv, demo_defaults):
     return parser.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------------------------
 # 2. Distributed set-up
 
 @dataclass
@@ -177,10 +168,6 @@ def cores_per_process():
     """The cores this process may use (its CPU affinity) over the processes on this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def default_workers():
-    return min(8, cores_per_process())
 
 
 def setup(args):
@@ -251,7 +238,6 @@ def autocast(args, env):
     return torch.autocast(env.device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
-# ----------------------------------------------------------------------------------------------
 # 3. Learning-rate schedule: linear warm-up, then cosine, over the clips trained
 
 def scaled(args, env, value):
@@ -291,7 +277,6 @@ def plan(args, env, loader, progress, schedule, log):
     return schedule, clips_per_step, total_steps
 
 
-# ----------------------------------------------------------------------------------------------
 # 4. Checkpoints
 
 def tensor_bytes(state):
@@ -303,9 +288,8 @@ def tensor_bytes(state):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. A failed
-    write removes the temporary file, keeps the older checkpoint and raises OSError naming the path,
-    the space needed and the space free."""
+    """Write a temporary file, then rename it. A failed write removes it, keeps the older checkpoint and
+    raises OSError naming the path, the space needed and the space free."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -407,7 +391,6 @@ def start_state(args, env, raw_model, optimizer, scaler, log):
     return progress, ckpt.get("schedule")
 
 
-# ----------------------------------------------------------------------------------------------
 # 5. Logging: one line per interval on rank 0, the same as JSON lines in output_dir/log.jsonl
 
 class Logger:
@@ -432,13 +415,11 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
 
 
-# ----------------------------------------------------------------------------------------------
 # 6. Data loading
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that, in training, can start an epoch after its first `start` clips. The clips
-    of an epoch are dealt to the ranks in turn from one order, whatever the number of ranks: the clips
-    already trained are the first `start` of that order with any number of ranks and batch size."""
+    """In training, the clips of an epoch from one order dealt to the ranks in turn, after its first `start`
+    clips: resumable with any number of ranks and batch size."""
 
     def __init__(self, dataset, env, shuffle, seed, drop_last):
         super().__init__(dataset, env.world_size, env.rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
@@ -465,8 +446,7 @@ def ignore_stop_signals(worker_id):
 
 
 def make_loader(dataset, args, env, train=True):
-    """The loader of a data set: pinned batches on CUDA, and workers that persist across epochs (the
-    data set's set_epoch reaches them through shared memory)."""
+    """Pinned batches on CUDA; workers persist across epochs (set_epoch reaches them through shared memory)."""
     sampler = ResumableSampler(dataset, env, shuffle=train, seed=args.seed, drop_last=train)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -481,13 +461,11 @@ def to_device(batch, device):
                                  for k, v in batch.items()})
 
 
-# ----------------------------------------------------------------------------------------------
 # 7. The training loop (pre-training and fine-tuning) and, beside it, checkpointing and stopping
 
 class Checkpoints:
-    """Saves the run's state from rank 0 (a failed save stops every rank), only when every value so far
-    is finite. A non-finite loss or gradient norm is noted on the device with its step (note) and read
-    at logging steps, saves and epoch ends only (check_finite): the run stops naming that step."""
+    """Rank 0 saves the run's state (a failed save stops every rank) only if every value so far is finite: a
+    non-finite loss or gradient norm is noted on the device (note), read at logs, saves and epoch ends."""
     NEVER = 2**62
 
     def __init__(self, args, env, raw_model, optimizer, scaler, progress, schedule):
@@ -525,8 +503,7 @@ class Checkpoints:
 
 
 def bad_samples(monitor, env, checkpoints):
-    """(replaced, rows, text for the log line) of every rank since the last call; over --max_bad_fraction,
-    save and stop."""
+    """(replaced, rows, text for the log line) of every rank since the last call; too many: save and stop."""
     bad, seen, rows = monitor.take()
     if env.ddp:
         counts = torch.tensor([bad, seen])
@@ -543,9 +520,8 @@ def bad_samples(monitor, env, checkpoints):
 
 
 class Stopper:
-    """Why to stop after a step, agreed by every rank: --stop_at_step, SIGTERM or SIGUSR1 received by any
-    rank (noted while training, not obeyed at once), or --time_limit near (two of the longest steps or
-    epoch ends to spare). A context that installs the signal handlers."""
+    """Why to stop after a step, agreed by every rank: --stop_at_step, SIGTERM or SIGUSR1 (noted by the
+    handlers this context installs), or --time_limit near (two of the longest steps to spare)."""
     REASONS = ["", "--time_limit", "SIGUSR1", "SIGTERM"]
 
     def __init__(self, args, env):
@@ -578,7 +554,7 @@ class Stopper:
 
 
 class Meter:
-    """The loss parts since the last log line, summed on the device, and the time spent waiting for data."""
+    """The loss parts since the last log line, summed on the device, and the time waiting for data."""
 
     def __init__(self):
         self.names, self.sums, self.count, self.t_data, self.t_last = [], None, 0, 0.0, time.time()
@@ -589,7 +565,6 @@ class Meter:
         self.sums = now if self.sums is None else self.sums + now
 
     def log(self, log, env, epoch, step, total_steps, lr, grad_norm, clips_per_step, bad_samples):
-        """Write the interval's line (losses averaged over the ranks), then start the next interval."""
         bad, rows, replaced = bad_samples
         means = dict(zip(self.names, all_mean(self.sums / self.count, env).tolist()))
         elapsed = time.time() - self.t_last
@@ -618,11 +593,9 @@ def optimizer_step(optimizer, scaler, params, lr, clip_grad):
 
 
 def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=None, check_batch=None):
-    """Run the epochs; True once all are done, False if stopped early (Stopper: last.pth is saved).
-    compute_loss(model, batch) -> dict of scalar tensors with 'loss'; check_batch(batch) checks a batch on
-    the host; on_epoch_end(epoch) runs after each epoch (figures, testing), before its checkpoints.
-    Progress and schedule count clips, so a run resumed with another number of processes or batch size
-    keeps its schedule. Between logging steps nothing is read from the device."""
+    """Run the epochs: True once all are done, False if stopped early (last.pth saved). compute_loss(model,
+    batch) -> dict of scalar tensors with 'loss'; check_batch(batch) checks a host batch; on_epoch_end(epoch)
+    runs before the epoch's checkpoints. Between logging steps nothing is read from the device."""
     scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
     model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
     if env.ddp:  # freed when train returns, before close() ends its process group
@@ -689,7 +662,6 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
     return True
 
 
-# ----------------------------------------------------------------------------------------------
 # 8. Pre-training: the loss and the reconstruction figure
 
 def pretraining_loss_fn(cfg, gather, compile=False):
@@ -750,16 +722,13 @@ def save_reconstruction(path, model, batch, cfg):
     model.train()
 
 
-# ----------------------------------------------------------------------------------------------
 # 9. The demo recipe and main
 
 DEMO_DIR = "demo_data"
 DEMO_MODEL = dict(size="tiny", img_size=64, num_frames=8, audio_frames=128, mel_bins=64, dim=128, heads=4,
                   depth=4, fusion_depth=1, inter_layers=[1, 2, 3])  # the encoders' geometry, fine-tuning's too
-# The demo departs from the paper on purpose, to learn within 5 minutes on 2 CPU cores: 50% masks (a
-# 64-pixel frame has only 16 patches, and at 90% the face's mouth and brows are hidden from the
-# contrastive loss), a larger HCMCL weight (at 0.0025 the two encoders never align in so few steps;
-# at 1.0 the reconstructions do not learn) and a larger learning rate.
+# To learn within 5 minutes on 2 CPU cores: 50% masks (a 64-pixel frame has 16 patches; at 90% mouth and
+# brows are hidden), a larger HCMCL weight (at 0.0025 the encoders do not align in so few steps), a larger lr.
 DEMO = dict(DEMO_MODEL, decoder_dim=64, decoder_heads=2, output_dir="runs/demo_pretrain", batch_size=16, epochs=32,
             warmup_epochs=1, base_lr=0.048, min_lr=1e-4, num_workers=1, log_every=20, save_every=100,
             video_mask_ratio=0.5, audio_mask_ratio=0.5, hcmcl_weight=0.3)
