@@ -200,14 +200,6 @@ def close(env):
         dist.destroy_process_group()
 
 
-def all_mean(values, env):
-    """Average a 1-D tensor over the ranks."""
-    if env.ddp:
-        dist.all_reduce(values)
-        values /= env.world_size
-    return values
-
-
 def broadcast_object(obj, env):
     """Rank 0's object on every rank."""
     box = [obj]
@@ -566,7 +558,11 @@ class Meter:
 
     def log(self, log, env, epoch, step, total_steps, lr, grad_norm, clips_per_step, bad_samples):
         bad, rows, replaced = bad_samples
-        means = dict(zip(self.names, all_mean(self.sums / self.count, env).tolist()))
+        means = self.sums / self.count
+        if env.ddp:  # the mean over the ranks
+            dist.all_reduce(means)
+            means /= env.world_size
+        means = dict(zip(self.names, means.tolist()))
         elapsed = time.time() - self.t_last
         values = dict(epoch=epoch, step=step, **means, lr=lr, grad_norm=grad_norm.item(),
                       samples_per_s=self.count * clips_per_step / elapsed, data_wait=self.t_data / elapsed,

@@ -19,6 +19,7 @@ import data
 import evaluate
 import finetune
 import pretrain
+from model import load_checkpoint
 
 TINY = ["--size", "tiny", "--img_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--audio_frames", "32",
         "--mel_bins", "32", "--dim", "32", "--heads", "2", "--depth", "3", "--inter_layers", "0", "1", "2",
@@ -288,6 +289,25 @@ def test_regression_run(demo, tmp_path, capsys):
     evaluate.main(["--predictions", str(out / "predictions-last.csv")])
     assert [row[0] for row in metric_lines(printed)] == ["PCC", "CCC", "MSE"]
     assert metric_lines(printed) == metric_lines(capsys.readouterr().out)
+
+
+def test_a_pretraining_checkpoint_initialises_fine_tuning(demo, tmp_path, capsys):
+    """pretrain.py's last.pth (with decoders and their flags) into finetune.py, which has neither: with lr 0
+    the fine-tuned encoders are exactly the pre-trained ones."""
+    pretrain.main(TINY + ["--decoder_dim", "16", "--decoder_heads", "2", "--video_mask_ratio", "0.5",
+                          "--audio_mask_ratio", "0.5", "--visualize_every", "0", "--batch_size", "8", "--epochs", "1",
+                          "--data_path", demo["train"], "--output_dir", str(tmp_path / "pre")])
+    finetune.main(TINY + ["--init", str(tmp_path / "pre" / "last.pth"), "--base_lr", "0", "--min_lr", "0",
+                          "--warmup_lr", "0", "--batch_size", "8", "--epochs", "1", "--num_clips", "1", "--num_crops",
+                          "1", "--data_path", demo["train"], "--test_path", demo["test"],
+                          "--output_dir", str(tmp_path / "ft")])
+    assert f"initialised from {tmp_path / 'pre' / 'last.pth'}" in capsys.readouterr().out
+    pre = load_checkpoint(tmp_path / "pre" / "last.pth")["model"]
+    ft = load_checkpoint(tmp_path / "ft" / "last.pth")["model"]
+    encoders = [k for k in ft if k.startswith(("video_encoder.", "audio_encoder.", "fusion."))]
+    assert encoders and all(torch.equal(ft[k], pre[k]) for k in encoders)
+    model, _ = evaluate.load_finetuned(str(tmp_path / "ft" / "last.pth"))  # the fine-tuned checkpoint rebuilds
+    assert model.cfg == finetune.run_config(args_for(*TINY))
 
 
 def test_labels_per_class_keeps_that_many_clips_of_each_class(demo):

@@ -261,8 +261,8 @@ def test_autocast_is_bf16_on_cpu_when_asked_and_fp32_by_default():
 
 
 def test_a_plain_cuda_device_is_named_with_the_current_gpu(monkeypatch):
-    """torch.cuda.set_device refuses an index-less "cuda" (seen on an H200: `pretrain.py --device cuda` died in
-    setup); a single process names the current GPU. set_device is replaced by one that refuses as CUDA's does."""
+    """torch.cuda.set_device refuses an index-less "cuda": a single process names the current GPU.
+    set_device is replaced by one that refuses as CUDA's does."""
     def set_device(device):
         if device.index is None:
             raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
