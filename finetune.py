@@ -5,12 +5,9 @@
         --init checkpoint-99.pth --output_dir runs/crema-d
 
 Classification (soft-target cross-entropy with label smoothing, mixup / cutmix) or regression (mean
-squared error) from audio, video or both. The training machinery (distributed set-up, schedule,
-mixed precision, compile, checkpoints, resume, logs) is pretrain.py's; the multi-view test is
-evaluate.py's. After every epoch (--test_every) the model is tested on --test_path (2 clips x 2
-crops per video): the metrics go to the log, predictions-last.csv is written, and the best epoch so
-far is kept as best.pth and predictions-best.csv. The best epoch is chosen on the test split, as
-the authors do.
+squared error) from audio, video or both; the training machinery is pretrain.py's, the multi-view test
+evaluate.py's. The model is tested on --test_path every --test_every epochs; the best epoch (chosen on
+the test split, as the authors do) is kept as best.pth and predictions-best.csv.
 """
 
 import argparse
@@ -21,9 +18,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import data
 from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEYS, SELECTION_KEY, compute_metrics,
@@ -31,10 +26,9 @@ from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEY
 from model import HiCMAEClassifier, HiCMAEConfig, checkpoint_config, configure_optimizer, load_checkpoint
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
-                      broadcast_object, check_output_dir, demo_manifests, make_loader, model_config, parse_args,
+                      broadcast_object, check_output_dir, close, demo_manifests, make_loader, model_config, parse_args,
                       resume_path, save_checkpoint, setup, train)
 
-# ----------------------------------------------------------------------------------------------
 # 1. Arguments: the authors' recipe as defaults (paper Sec. 4.1 and their fine-tuning scripts)
 
 PRETRAIN_ONLY = ("decoder_dim", "decoder_heads", "decoder_depth", "skip_connections", "video_mask_ratio",
@@ -43,56 +37,41 @@ PRETRAIN_ONLY = ("decoder_dim", "decoder_heads", "decoder_depth", "skip_connecti
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=DEMO_EPILOG)
-    add_model_args(parser, unused=PRETRAIN_ONLY, drop_path=0.1)
+    add_model_args(parser, skip=PRETRAIN_ONLY, drop_path=0.1)
     add_training_args(parser, batch_size=14, epochs=100, base_lr=1e-3, min_lr=1e-6, betas=[0.9, 0.999],
                       output_dir="runs/finetune")
     g = parser.add_argument_group("fine-tuning")
-    g.add_argument("--test_path", default=None, help="test manifest, tested after every epoch")
-    g.add_argument("--modality", default="av", choices=["av", "audio", "video"],
-                   help="the streams the model sees (audio or video: a recording without the other stream will do)")
-    g.add_argument("--task", default=None, choices=["classification", "regression"],
-                   help="default: guessed from the manifest (one integer label: classification)")
-    g.add_argument("--num_outputs", type=int, default=None,
-                   help="classes or regression targets (default: from the manifests and the class names)")
-    g.add_argument("--class_names", nargs="+", default=None,
-                   help="class names in index order (default: classes.txt beside the training manifest, if any); "
-                        "for regression, the names of the target dimensions")
-    g.add_argument("--labels_per_class", type=int, default=0,
-                   help="train on this many clips per class of the training manifest (few-label fine-tuning; 0: all)")
+    g.add_argument("--test_path", help="test manifest, tested after every epoch")
+    g.add_argument("--modality", default="av", choices=["av", "audio", "video"], help="the streams the model sees")
+    g.add_argument("--task", choices=["classification", "regression"], help="default: guessed from the manifest")
+    g.add_argument("--num_outputs", type=int, help="classes or targets (default: from the manifests and class names)")
+    g.add_argument("--class_names", nargs="+",
+                   help="class (or target) names in index order (default: classes.txt beside the training manifest)")
+    g.add_argument("--labels_per_class", type=int, default=0, help="train on this many clips per class (0: all)")
     g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise learning-rate decay")
     g.add_argument("--test_every", type=int, default=1, help="test every N epochs (and after the last)")
     g.add_argument("--num_clips", type=int, default=2, help="test clips per video")
     g.add_argument("--num_crops", type=int, default=2, help="test crops per clip")
     g.add_argument("--test_views", default="authors", choices=data.TEST_VIEWS,
-                   help="authors: each frame resized to the model's size, aspect ignored (their test views); "
-                        "short_side: aspect kept, crops along the long side")
+                   help="authors: frames resized to the model's size, aspect ignored; short_side: aspect kept")
     g = parser.add_argument_group("augmentation (classification: mixup, cutmix and smoothing)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
     g.add_argument("--mixup_prob", type=float, default=1.0, help="chance that a batch is mixed")
     g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="chance of cutmix when both are on")
-    g.add_argument("--mix_audio_as_authors", action="store_true",
-                   help="mix the video and the targets but leave the audio unmixed, as the authors' code")
+    g.add_argument("--mix_audio_as_authors", action="store_true", help="leave the audio unmixed, as the authors")
     g.add_argument("--crop_scale", type=float, nargs=2, default=[0.08, 1.0], help="random resized crop area range")
     g.add_argument("--rand_ops", type=int, default=4, help="RandAugment operations per clip (0: off)")
     g.add_argument("--rand_magnitude", type=int, default=7, help="RandAugment magnitude")
     g.add_argument("--erase_prob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--roll_gain", action=argparse.BooleanOptionalAction, default=True,
-                   help="audio roll-and-gain augmentation")
+    g.add_argument("--roll_gain", action=argparse.BooleanOptionalAction, default=True, help="audio roll and gain")
     g.add_argument("--freqm", type=int, default=0, help="audio frequency masking width (0: off)")
     g.add_argument("--timem", type=int, default=0, help="audio time masking width (0: off)")
     return parser
 
 
-# ----------------------------------------------------------------------------------------------
 # 2. Data: the manifests say the task, the number of outputs and the class names
-
-def names_beside(manifest):
-    """The lines of classes.txt in the manifest's folder, or None."""
-    path = Path(manifest).parent / "classes.txt"
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.exists() else None
-
 
 def read_data(args):
     """(train samples, test samples); fills in args.task, args.num_outputs and args.class_names."""
@@ -103,8 +82,9 @@ def read_data(args):
     root_map = data.parse_root_map(args.root_map)
     train_samples = data.read_manifest(args.data_path, root_map, args.task)
     test_samples = data.read_manifest(args.test_path, root_map, args.task)
-    if args.task == "classification":
-        args.class_names = args.class_names or names_beside(args.data_path)
+    names = Path(args.data_path).parent / "classes.txt"
+    if args.task == "classification" and not args.class_names and names.exists():
+        args.class_names = [line.strip() for line in names.read_text().splitlines() if line.strip()]
     if args.num_outputs is None and args.class_names:
         args.num_outputs = len(args.class_names)
     elif args.num_outputs is None:
@@ -118,22 +98,20 @@ def read_data(args):
     if args.labels_per_class:  # few-label fine-tuning: a subset drawn with --seed (evaluate's probes draw alike)
         if args.task != "classification":
             raise SystemExit("--labels_per_class needs a classification task")
-        keep = few_label_subsets(torch.tensor([s.target for s in train_samples]), args.labels_per_class, 1, args.seed)[0]
+        targets = torch.tensor([s.target for s in train_samples])
+        keep = few_label_subsets(targets, args.labels_per_class, 1, args.seed)[0]
         train_samples = [train_samples[i] for i in sorted(keep.tolist())]
     return train_samples, test_samples
 
 
-# ----------------------------------------------------------------------------------------------
 # 3. Model and optimiser: layer-wise learning-rate decay (paper Sec. 4.1)
 
 def run_config(args):
-    """The model's configuration: the flags over the --size preset; for an authors' fine-tuned --init
-    checkpoint, the flags given over its saved geometry (model.authors_config), so that its width,
-    depth, input sizes and heads need no flags."""
+    """The flags over the --size preset; for an authors' fine-tuned --init, the flags given over its geometry."""
     if args.init:
         ckpt = load_checkpoint(args.init)
         if isinstance(ckpt, dict) and "args" in ckpt:
-            cfg, run = checkpoint_config(ckpt, **{f.name: getattr(args, f.name) for f in fields(HiCMAEConfig)})
+            cfg, run = checkpoint_config(ckpt, **{f.name: getattr(args, f.name, None) for f in fields(HiCMAEConfig)})
             if run["authors"] and run["num_outputs"] is not None:
                 return cfg
     return model_config(args)
@@ -145,49 +123,30 @@ def build_model(args, cfg=None):
 
 
 def build_optimizer(model, args, device_type):
-    """AdamW; a parameter of layer id i gets layer_decay^(L-1-i) of the rate (model.layer_id: 0 the
-    patch embeddings, then the encoder blocks, the fusion layers, and the rest at the full rate).
-    train() sets each group's lr from its lr_scale every step."""
+    """AdamW; layer id i (model.layer_id) gets layer_decay^(L-1-i) of the rate, through its group's lr_scale."""
     return configure_optimizer(model, 0.0, args.weight_decay, tuple(args.betas), args.layer_decay, device_type)
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Mixup and cutmix on both modalities with one coefficient
-# As timm's Mixup in 'batch' mode (the authors'): one lambda per batch, sample i mixed with sample
-# B-1-i. Randomness comes from torch's global generator, seeded per rank and saved in checkpoints.
-
-def draw_mix(args):
-    """(lam, cutmix?) of one batch: mixed with probability mixup_prob; cutmix with probability
-    mixup_switch_prob when both are on; lam ~ Beta(alpha, alpha) of the chosen one. lam = 1: no mixing."""
-    if (args.mixup <= 0 and args.cutmix <= 0) or torch.rand(()).item() >= args.mixup_prob:
-        return 1.0, False
-    use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or torch.rand(()).item() < args.mixup_switch_prob)
-    alpha = args.cutmix if use_cutmix else args.mixup
-    return torch.distributions.Beta(alpha, alpha).sample().item(), use_cutmix
-
+# 4. Mixup and cutmix on both modalities with one coefficient, as timm's Mixup in 'batch' mode (the
+# authors'): one lambda per batch, sample i mixed with sample B-1-i, drawn from torch's global generator.
 
 def cutmix_box(height, width, lam):
-    """(top, bottom, left, right): sides sqrt(1 - lam) of the frame's, centred on a random pixel,
-    clipped to the frame (so the area may be smaller than 1 - lam)."""
+    """(top, bottom, left, right): sides sqrt(1 - lam) of the frame's around a random pixel, clipped to it."""
     cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
     cy, cx = torch.randint(height, ()).item(), torch.randint(width, ()).item()
     return max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
 
 
-def soft_targets(target, num_classes, lam, smoothing):
-    """Smoothed one-hot targets, lam of each sample's own and 1 - lam of its partner's; rows sum to one."""
-    one_hot = F.one_hot(target, num_classes).float() * (1 - smoothing) + smoothing / num_classes
-    return lam * one_hot + (1 - lam) * one_hot.flip(0)
-
-
 def mix(video, audio, target, args):
-    """Mix a batch with its mirror: (video, audio, soft targets).
-
-    Mixup blends the clips, the spectrograms and the targets with lam. Cutmix pastes the partner's
-    box into every frame; lam becomes the share of the frame left as it was, and the spectrograms
-    and the targets are blended with that lam. --mix_audio_as_authors leaves the audio unmixed.
-    A modality left out (None, --modality) stays None; without video, cutmix keeps the lam it drew."""
-    lam, use_cutmix = draw_mix(args)
+    """Mix a batch with its mirror: (video, audio, soft targets). Cutmix pastes the partner's box into every
+    frame and blends audio and targets with the share of the frame kept; mixup blends all three with lam.
+    --mix_audio_as_authors leaves the audio unmixed; a modality left out stays None. The batch is mixed with
+    chance mixup_prob, by cutmix with chance mixup_switch_prob when both are on; lam ~ Beta(alpha, alpha)."""
+    lam, use_cutmix = 1.0, False
+    if (args.mixup > 0 or args.cutmix > 0) and torch.rand(()).item() < args.mixup_prob:
+        use_cutmix = args.cutmix > 0 and (args.mixup <= 0 or torch.rand(()).item() < args.mixup_switch_prob)
+        alpha = args.cutmix if use_cutmix else args.mixup
+        lam = torch.distributions.Beta(alpha, alpha).sample().item()
     if use_cutmix and video is not None:
         top, bottom, left, right = cutmix_box(*video.shape[-2:], lam)
         video = video.clone()
@@ -197,10 +156,10 @@ def mix(video, audio, target, args):
         video = lam * video + (1 - lam) * video.flip(0)
     if lam < 1 and audio is not None and not args.mix_audio_as_authors:
         audio = lam * audio + (1 - lam) * audio.flip(0)
-    return video, audio, soft_targets(target, args.num_outputs, lam, args.smoothing)
+    one_hot = F.one_hot(target, args.num_outputs).float() * (1 - args.smoothing) + args.smoothing / args.num_outputs
+    return video, audio, lam * one_hot + (1 - lam) * one_hot.flip(0)  # lam of its own target, 1 - lam of its partner's
 
 
-# ----------------------------------------------------------------------------------------------
 # 5. Loss
 
 def finetuning_loss_fn(args):
@@ -214,25 +173,21 @@ def finetuning_loss_fn(args):
     return compute
 
 
-# ----------------------------------------------------------------------------------------------
 # 6. Testing after each epoch, the best checkpoint, predictions files
 
 def metric_text(value, task):
-    """A metric as printed: classification in percent, regression with 4 decimals."""
     return f"{100 * value:.2f}%" if task == "classification" else f"{value:.4f}"
 
 
 def summary(metrics, task):
-    """The scalar metrics in one line."""
     if task == "classification":
         return " ".join(f"{CLASSIFICATION_LABELS[k]} {metric_text(metrics[k], task)}" for k in CLASSIFICATION_KEYS)
     return " ".join(f"{k.upper()} {metric_text(metrics[k], task)}" for k in REGRESSION_KEYS)
 
 
 class Tester:
-    """Tests the model on the test set (every rank its share, evaluate.predict), logs the metrics,
-    writes predictions-last.csv and keeps the best epoch by SELECTION_KEY as best.pth and
-    predictions-best.csv (selected on the test split, as the authors do)."""
+    """Tests the model (every rank its share), logs the metrics, writes predictions-last.csv and keeps the
+    best epoch by SELECTION_KEY as best.pth and predictions-best.csv."""
 
     def __init__(self, args, env, raw_model, samples, log):
         self.args, self.env, self.model, self.samples, self.log = args, env, raw_model, samples, log
@@ -242,10 +197,11 @@ class Tester:
         self.loader = make_loader(dataset, args, env, train=False)
         self.out = Path(args.output_dir)
         self.key = SELECTION_KEY[args.task]
+        self.scalar_keys = CLASSIFICATION_KEYS if args.task == "classification" else REGRESSION_KEYS
         self.best, self.best_epoch = -math.inf, None
         self.tested, self.last = False, None  # tested: on every rank; last: the metrics, on rank 0
         best_path = self.out / "best.pth"
-        if best_path.exists() and resume_path(args) is not None:  # train() resumes
+        if best_path.exists() and resume_path(args) is not None:  # train() will resume
             best = load_checkpoint(best_path)
             self.best, self.best_epoch = best["score"], best["epoch"]
 
@@ -271,26 +227,21 @@ class Tester:
             try:
                 save_checkpoint(self.out / "best.pth", dict(
                     model=self.model.state_dict(), args=vars(args), model_config=asdict(self.model.cfg),
-                    epoch=epoch, score=score, metrics={k: metrics[k] for k in self.scalar_keys()}))
+                    epoch=epoch, score=score, metrics={k: metrics[k] for k in self.scalar_keys}))
             except OSError as e:
                 return str(e)
             shutil.copyfile(self.out / "predictions-last.csv", self.out / "predictions-best.csv")
         best = (f"best {self.key.upper()} {metric_text(self.best, args.task)} (epoch {self.best_epoch})"
                 if self.best_epoch is not None else "")
-        self.log.record(dict(epoch=epoch, **{f"test_{k}": metrics[k] for k in self.scalar_keys()},
+        self.log.record(dict(epoch=epoch, **{f"test_{k}": metrics[k] for k in self.scalar_keys},
                              best_epoch=self.best_epoch),
                         f"epoch {epoch} test | {summary(metrics, args.task)} | {best}")
 
-    def scalar_keys(self):
-        return CLASSIFICATION_KEYS if self.args.task == "classification" else REGRESSION_KEYS
 
-
-# ----------------------------------------------------------------------------------------------
 # 7. The demo recipe and main
 
-# The demo turns the paper's recipe down for a 3-minute CPU run on 240 synthetic clips: a milder
-# crop, no RandAugment, random erasing, mixup, cutmix or drop path; 16 epochs at a larger learning
-# rate; a test every 4 epochs.
+# For a 3-minute CPU run on 240 synthetic clips: a milder crop, no RandAugment, random erasing, mixup,
+# cutmix or drop path; 16 epochs at a larger learning rate; a test every 4 epochs.
 DEMO = dict(DEMO_MODEL, output_dir="runs/demo_finetune", batch_size=16, epochs=16, warmup_epochs=1,
             base_lr=0.1, min_lr=1e-4, drop_path=0.0, num_workers=2, log_every=5, save_every=1000, test_every=4,
             crop_scale=[0.5, 1.0], rand_ops=0, erase_prob=0.0, mixup=0.0, cutmix=0.0)
@@ -326,18 +277,13 @@ def main(argv=None):
     raw_model = build_model(args, cfg).to(env.device)
     torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path, mixup)
     optimizer = build_optimizer(raw_model, args, env.device.type)
-    scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
-    model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
-    if env.ddp:
-        model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     tester = Tester(args, env, raw_model, test_samples, log)
 
     def on_epoch_end(epoch):
         if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:
             tester(epoch)
 
-    finished = train(args, env, model, raw_model, optimizer, scaler, loader, finetuning_loss_fn(args), log,
-                     on_epoch_end)
+    finished = train(args, env, raw_model, optimizer, loader, finetuning_loss_fn(args), log, on_epoch_end)
     if finished and not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
         log("testing the model as it stands")
         tester(args.epochs - 1, select=False)
@@ -349,9 +295,7 @@ def main(argv=None):
                 f"select): {metric_text(tester.best, args.task)}, in {args.output_dir}/best.pth")
         written = sorted(p.name for p in Path(args.output_dir).iterdir() if p.is_file() and p.stat().st_mtime >= t0)
         log(f"done in {time.time() - t0:.0f} s; written in {args.output_dir}/: {', '.join(written)}")
-    if env.ddp:
-        del model  # free DDP before its process group: freed after it, a rank sometimes hung at exit (gloo)
-        dist.destroy_process_group()
+    close(env)
     return tester.last
 
 

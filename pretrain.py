@@ -2,7 +2,6 @@
 
     python pretrain.py                                       # the built-in demo: demo data, small model, any device
     torchrun --nproc_per_node=4 pretrain.py --data_path vox2_dev.csv --output_dir runs/hicmae_b
-    python pretrain.py --benchmark --size base --batch_size 40 --compile   # training steps on random tensors
 
 One process per GPU under torchrun (NCCL on GPUs, gloo on CPU) with plain DistributedDataParallel;
 without torchrun the same script runs as one process. This file also owns the training machinery
@@ -20,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -31,12 +30,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 
 import data
-from model import (SIZES, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer, count_macs, load_checkpoint,
-                   load_weights, make_config, model_state, patchify_audio, patchify_video, pretrain_loss, to_pixels,
-                   unpatchify_audio, unpatchify_video)
+from model import (SIZES, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer, load_checkpoint, load_weights,
+                   make_config, model_state, patchify_audio, patchify_video, pretrain_loss, to_pixels, unpatchify_audio,
+                   unpatchify_video)
 
 
-# ----------------------------------------------------------------------------------------------
 # 1. Arguments (shared with finetune.py)
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -52,12 +50,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 DEMO_EPILOG = "Without --data_path the demo recipe replaces these defaults (explicit flags still win)."
 
 
-def add_model_args(parser, unused=(), **defaults):
-    """One flag per field of HiCMAEConfig; unset flags take the --size preset, then the paper's value.
-    defaults: the stage's own values of fields; unused: fields that do nothing in this stage."""
+def add_model_args(parser, skip=(), **defaults):
+    """A flag per HiCMAEConfig field but `skip`'s; unset: the stage's `defaults`, the --size preset, the paper's."""
     group = parser.add_argument_group("model (defaults: the --size preset, then the paper's values)")
     group.add_argument("--size", default="base", choices=["tiny", "small", "base"], help="HiCMAE-T/S/B (default base)")
     for f in fields(HiCMAEConfig):
+        if f.name in skip:
+            continue
         value = defaults.get(f.name, f.default)
         if f.name in SIZES["base"]:
             text = "default by --size: " + ", ".join(f"{size} {preset[f.name]}" for size, preset in SIZES.items())
@@ -65,15 +64,13 @@ def add_model_args(parser, unused=(), **defaults):
             text = f"selected encoder layers, 0-based (default {' '.join(map(str, value))})"
         else:
             text = f"default {value}"
-        if f.name in unused:
-            text = f"pre-training only: no effect here ({text})"
         kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else
                 dict(type=int, nargs="+") if f.name == "inter_layers" else dict(type=type(f.default)))
         group.add_argument(f"--{f.name}", default=defaults.get(f.name), help=text, **kind)
 
 
 def model_config(args):
-    overrides = {f.name: getattr(args, f.name) for f in fields(HiCMAEConfig) if getattr(args, f.name) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in fields(HiCMAEConfig) if getattr(args, f.name, None) is not None}
     return make_config(args.size, **overrides)
 
 
@@ -84,8 +81,7 @@ def add_training_args(parser, **defaults):
     data.add_root_map(g)
     g.add_argument("--sampling_rate", type=int, default=4, help="frame stride of a clip")
     g.add_argument("--max_bad_fraction", type=float, default=0.01,
-                   help="save and stop once more than this share of the samples tried could not be decoded, "
-                        "judged at logging steps and epoch ends (default 0.01)")
+                   help="save and stop once more than this share of the samples tried failed to decode")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=defaults["batch_size"], help="clips per GPU per micro-step")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-steps per optimiser step")
@@ -99,30 +95,26 @@ def add_training_args(parser, **defaults):
     g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: no clipping)")
     g = parser.add_argument_group("run")
     add_device_args(g)
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (and the pre-training loss), each one graph (fullgraph=True)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model and the loss (fullgraph=True)")
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order and augmentation")
     g.add_argument("--output_dir", default=defaults["output_dir"], help="checkpoints and log.jsonl")
-    g.add_argument("--resume", default=None,
-                   help="checkpoint to resume (default: output_dir/last.pth if any; none: start afresh)")
+    g.add_argument("--resume", help="checkpoint to resume (default: output_dir/last.pth if any; none: start afresh)")
     g.add_argument("--init", default=None, help="start from these weights only (ours or the authors')")
     g.add_argument("--save_every", type=int, default=10, help="keep a checkpoint every N epochs")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pth every N steps")
     g.add_argument("--stop_at_step", type=int, default=0,
                    help="save and stop after this many steps, the schedule unchanged (to split a run into jobs)")
-    g.add_argument("--time_limit", type=duration, default=None,
-                   help="save and stop before this much wall time since the start is spent (a job's limit): "
-                        "4h, 90m, 3600s or seconds (default: none)")
-    g.add_argument("--log_every", type=int, default=20, help="steps between log lines (and the last step of each epoch)")
+    g.add_argument("--time_limit", type=duration,
+                   help="save and stop before this much wall time is spent (a job's limit): 4h, 90m, 3600s or seconds")
+    g.add_argument("--log_every", type=int, default=20, help="steps between log lines (and each epoch's last)")
 
 
 def add_device_args(parser):
     """--device, --dtype and --num_workers, as every stage takes them."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                        help="autocast type (default: bf16 on cuda, fp32 on cpu; bf16 on cpu when asked; "
-                             "fp16 on cuda only)")
-    parser.add_argument("--num_workers", type=int, default=default_workers(),
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                        help="autocast type (default: bf16 on cuda, fp32 on cpu; fp16 on cuda only)")
+    parser.add_argument("--num_workers", type=int, default=min(8, cores_per_process()),
                         help="loader processes per GPU (default: the cores per process, at most 8: %(default)s here)")
 
 
@@ -150,12 +142,11 @@ def parse_args(parser, argv, demo_defaults):
     """Parse; without --data_path the demo recipe replaces the defaults (explicit flags still win)."""
     argv = sys.argv[1:] if argv is None else argv
     if not any(a == "--data_path" or a.startswith("--data_path=") for a in argv) and \
-            not {"--benchmark", "-h", "--help"} & set(argv):  # --help shows the recipe's defaults
+            not {"-h", "--help"} & set(argv):  # --help shows the recipe's defaults
         parser.set_defaults(**demo_defaults)
     return parser.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------------------------
 # 2. Distributed set-up
 
 @dataclass
@@ -179,10 +170,6 @@ def cores_per_process():
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def default_workers():
-    return min(8, cores_per_process())
-
-
 def setup(args):
     """One process per GPU under torchrun (RANK set), else a single process."""
     started, control = time.time(), None
@@ -195,7 +182,7 @@ def setup(args):
         control = dist.new_group(backend="gloo")
     else:
         rank, local_rank, world_size, device = 0, 0, 1, torch.device(args.device)
-        if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU, which set_device needs named
+        if device.type == "cuda" and device.index is None:  # set_device needs the current GPU named
             device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # the cores left to this process after its loader workers: more threads than cores spin and crawl
@@ -207,12 +194,10 @@ def setup(args):
     return Env(rank, local_rank, world_size, device, ddp, started, control)
 
 
-def all_mean(values, env):
-    """Average a 1-D tensor over the ranks."""
+def close(env):
+    """End the process group, once train() has returned (DDP's reducer must go first, else a rank can hang)."""
     if env.ddp:
-        dist.all_reduce(values)
-        values /= env.world_size
-    return values
+        dist.destroy_process_group()
 
 
 def broadcast_object(obj, env):
@@ -245,21 +230,45 @@ def autocast(args, env):
     return torch.autocast(env.device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
-# ----------------------------------------------------------------------------------------------
 # 3. Learning-rate schedule: linear warm-up, then cosine, over the clips trained
 
 def scaled(args, env, value):
     return value * args.batch_size * args.accum_steps * env.world_size / 256
 
 
-def lr_at(clip, total_clips, warmup_clips, lr, min_lr, warmup_lr):
+def lr_at(schedule, clip, total_clips):
+    lr, min_lr, warmup_lr, warmup_clips = (schedule[k] for k in ("lr", "min_lr", "warmup_lr", "warmup_clips"))
     if clip < warmup_clips:
         return warmup_lr + (lr - warmup_lr) * clip / warmup_clips
     progress = min(1.0, (clip - warmup_clips) / max(1, total_clips - warmup_clips))
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-# ----------------------------------------------------------------------------------------------
+def plan(args, env, loader, progress, schedule, log):
+    """(schedule, clips per step, total steps). The schedule saved with a resumed run goes on as it was;
+    a fresh one is set by the run's first configuration."""
+    steps_per_epoch = len(loader.sampler) // (args.batch_size * args.accum_steps)  # a whole epoch: start is 0
+    clips_per_step = args.batch_size * args.accum_steps * env.world_size
+    schedule = schedule or dict(
+        lr=scaled(args, env, args.base_lr), min_lr=scaled(args, env, args.min_lr),
+        warmup_lr=scaled(args, env, args.warmup_lr), clips_per_epoch=steps_per_epoch * clips_per_step,
+        warmup_clips=round(args.warmup_epochs * steps_per_epoch) * clips_per_step)
+    loader.sampler.start = progress.clips
+    steps_left = (len(loader) // args.accum_steps if progress.epoch < args.epochs else 0) + \
+        max(0, args.epochs - progress.epoch - 1) * steps_per_epoch
+    total_steps = progress.step + steps_left
+    log(f"{total_steps} steps of {clips_per_step} clips ({steps_per_epoch} per epoch; epochs count from 0, as "
+        f"the checkpoint names), peak lr {schedule['lr']:.3g} = --base_lr x total batch / 256")
+    warmup_steps = schedule["warmup_clips"] // clips_per_step
+    if warmup_steps >= total_steps:
+        log(f"note: the warm-up ({args.warmup_epochs:g} epochs, {warmup_steps} steps) is not shorter than the run "
+            f"({total_steps} steps): the learning rate never reaches its peak; lower --warmup_epochs")
+    if clips_per_step < 16:
+        log(f"note: a total batch of {clips_per_step} scales the peak learning rate down to {clips_per_step}/256 of "
+            "--base_lr; raise --base_lr (or the batch) to train at the recipe's rate")
+    return schedule, clips_per_step, total_steps
+
+
 # 4. Checkpoints
 
 def tensor_bytes(state):
@@ -271,9 +280,8 @@ def tensor_bytes(state):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. A failed
-    write (a full disk, no permission) removes the temporary file, leaves the older checkpoint as it
-    was and raises OSError naming the path, the space needed and the space free."""
+    """Write a temporary file, then rename it. A failed write removes it, keeps the older checkpoint and
+    raises OSError naming the path, the space needed and the space free."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -316,8 +324,7 @@ class Progress:
 
 
 def resume_path(args):
-    """The checkpoint to resume: --resume, else output_dir/last.pth if present; None: start afresh
-    (--resume none, or nothing to resume)."""
+    """The checkpoint to resume: --resume, else output_dir/last.pth if present; None: start afresh."""
     if args.resume in ("none", ""):
         return None
     path = Path(args.resume or Path(args.output_dir) / "last.pth")
@@ -326,10 +333,8 @@ def resume_path(args):
 
 def start_state(args, env, raw_model, optimizer, scaler, log):
     """Resume, or load --init weights, or start fresh: (progress, the schedule saved with it or None).
-
-    Rank 0 decides for every rank which checkpoint to resume (resume_path). Every rank reads that path;
-    if one cannot (a node without the shared disk) or finds another state there, rank 0 sends its copy
-    to all. If rank 0 cannot read it, every rank stops."""
+    Rank 0 chooses the checkpoint; a rank that cannot read it (a node without the shared disk) or finds
+    another state there gets rank 0's copy. If rank 0 cannot read it, every rank stops."""
     path = broadcast_object(resume_path(args), env)
     if path is None:
         if args.resume in ("none", "") and (Path(args.output_dir) / "last.pth").exists():
@@ -353,8 +358,6 @@ def start_state(args, env, raw_model, optimizer, scaler, log):
     if others:
         log(f"{', '.join(others)} could not read {path} (or found another state there): rank 0 sends its copy")
         ckpt = broadcast_object(ckpt, env)
-    if "batch" in ckpt["progress"]:  # saved before progress was counted in clips
-        ckpt["progress"]["clips"] = ckpt["progress"].pop("batch") * ckpt["args"]["batch_size"] * len(ckpt["rng"])
     try:
         raw_model.load_state_dict(ckpt["model"])
     except RuntimeError:  # another model, modality or number of outputs: say which, in one line
@@ -380,23 +383,6 @@ def start_state(args, env, raw_model, optimizer, scaler, log):
     return progress, ckpt.get("schedule")
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and torchrun send before a job is stopped
-
-
-@contextmanager
-def stop_signals():
-    """While training, SIGTERM and SIGUSR1 are noted (the list of their names), not obeyed at once."""
-    received = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signal.Signals(signum).name))
-                for s in STOP_SIGNALS}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------------------------------------
 # 5. Logging: one line per interval on rank 0, the same as JSON lines in output_dir/log.jsonl
 
 class Logger:
@@ -421,13 +407,11 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
 
 
-# ----------------------------------------------------------------------------------------------
 # 6. Data loading
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that, in training, can start an epoch after its first `start` clips. The clips
-    of an epoch are dealt to the ranks in turn from one order, whatever the number of ranks: the clips
-    already trained are the first `start` of that order with any number of ranks and batch size."""
+    """In training, the clips of an epoch from one order dealt to the ranks in turn, after its first `start`
+    clips: resumable with any number of ranks and batch size."""
 
     def __init__(self, dataset, env, shuffle, seed, drop_last):
         super().__init__(dataset, env.world_size, env.rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
@@ -444,6 +428,9 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return (len(self.dataset) - self.start) // self.num_replicas if self.drop_last else self.num_samples
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and torchrun send before a job is stopped
+
+
 def ignore_stop_signals(worker_id):
     """Loader workers leave SIGTERM and SIGUSR1 to the training process (which ends them when it is done)."""
     for s in STOP_SIGNALS:
@@ -451,9 +438,7 @@ def ignore_stop_signals(worker_id):
 
 
 def make_loader(dataset, args, env, train=True):
-    """The loader of a data set: pinned batches on CUDA, and workers that persist across epochs
-    (starting them costs seconds per epoch, which dominated short epochs; the data set's set_epoch
-    reaches them through shared memory)."""
+    """Pinned batches on CUDA; workers persist across epochs (set_epoch reaches them through shared memory)."""
     sampler = ResumableSampler(dataset, env, shuffle=train, seed=args.seed, drop_last=train)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -468,192 +453,212 @@ def to_device(batch, device):
                                  for k, v in batch.items()})
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. The training loop (pre-training and fine-tuning)
+# 7. The training loop (pre-training and fine-tuning) and, beside it, checkpointing and stopping
 
-def train(args, env, model, raw_model, optimizer, scaler, loader, compute_loss, log, on_epoch_end=None,
-          check_batch=None):
-    """Run the epochs; True once all are done, False if stopped early (--stop_at_step, SIGTERM or SIGUSR1,
-    --time_limit: every rank finishes the step, then last.pth is saved). compute_loss(model, batch)
-    returns a dict of scalar tensors with 'loss'. check_batch(batch), if given, checks each batch on the
-    host, before it goes to the device. on_epoch_end(epoch) runs after each epoch (figures, testing);
-    checkpoints are saved here.
+class Checkpoints:
+    """Rank 0 saves the run's state (a failed save stops every rank) only if every value so far is finite: a
+    non-finite loss or gradient norm is noted on the device (note), read at logs, saves and epoch ends."""
+    NEVER = 2**62
 
-    Progress and the learning-rate schedule are counted in clips: a run resumed with another number of
-    processes or batch size goes on with the schedule saved in its checkpoint and trains the clips of
-    the epoch not yet trained.
+    def __init__(self, args, env, raw_model, optimizer, scaler, progress, schedule):
+        self.args, self.env, self.out = args, env, Path(args.output_dir)
+        self.model, self.optimizer, self.scaler = raw_model, optimizer, scaler
+        self.progress, self.schedule = progress, schedule
+        self.first_bad = torch.full((), self.NEVER, dtype=torch.long, device=env.device)
 
-    A step never waits for the device: the loss parts are summed on the device and read (and averaged
-    over the ranks) at logging steps only. A non-finite loss (or gradient norm, without fp16's scaler) is
-    noted on the device with its step; the next logging step, checkpoint or epoch end stops the run
-    naming that step, without saving: checkpoints are written only from states known to be finite."""
-    out = Path(args.output_dir)
-    steps_per_epoch = len(loader.sampler) // (args.batch_size * args.accum_steps)
-    clips_per_step = args.batch_size * args.accum_steps * env.world_size
-    progress, schedule = start_state(args, env, raw_model, optimizer, scaler, log)
-    if progress.step == 0 and env.master:  # a fresh run (--resume none too) starts its own log.jsonl
-        log.path.unlink(missing_ok=True)
-    schedule = schedule or dict(  # the run's first configuration sets it for good
-        lr=scaled(args, env, args.base_lr), min_lr=scaled(args, env, args.min_lr),
-        warmup_lr=scaled(args, env, args.warmup_lr), clips_per_epoch=steps_per_epoch * clips_per_step,
-        warmup_clips=round(args.warmup_epochs * steps_per_epoch) * clips_per_step)
-    total_clips = args.epochs * schedule["clips_per_epoch"]
-    loader.sampler.start = progress.clips
-    steps_left = (len(loader) // args.accum_steps if progress.epoch < args.epochs else 0) + \
-        max(0, args.epochs - progress.epoch - 1) * steps_per_epoch
-    total_steps = progress.step + steps_left
-    monitor = data.BadSampleMonitor(loader.dataset.samples, args.max_bad_fraction)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    log(f"{total_steps} steps of {clips_per_step} clips ({steps_per_epoch} per epoch; epochs count from 0, as "
-        f"the checkpoint names), peak lr {schedule['lr']:.3g} = --base_lr x total batch / 256")
-    warmup_steps = schedule["warmup_clips"] // clips_per_step
-    if warmup_steps >= total_steps:
-        log(f"note: the warm-up ({args.warmup_epochs:g} epochs, {warmup_steps} steps) is not shorter than the run "
-            f"({total_steps} steps): the learning rate never reaches its peak; lower --warmup_epochs")
-    if clips_per_step < 16:
-        log(f"note: a total batch of {clips_per_step} scales the peak learning rate down to {clips_per_step}/256 of "
-            "--base_lr; raise --base_lr (or the batch) to train at the recipe's rate")
-    never = 2**62
-    first_bad = torch.full((), never, dtype=torch.long, device=env.device)  # first step with a non-finite value
+    def note(self, value, step):
+        self.first_bad = torch.where(torch.isfinite(value), self.first_bad, self.first_bad.clamp(max=step))
 
-    def check_finite():
-        """Stop if any rank noted a non-finite value (a read of one number: at logging and saving only)."""
-        bad = first_bad.clone()
-        if env.ddp:
+    def check_finite(self):
+        bad = self.first_bad.clone()
+        if self.env.ddp:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
         bad = bad.item()
-        if bad != never:
-            last = out / "last.pth"
+        if bad != self.NEVER:
+            last = self.out / "last.pth"
             raise SystemExit(f"non-finite loss or gradient norm at step {bad}: stopping. "
                              f"The last good checkpoint is {last if last.exists() else 'none yet'}")
 
-    def checkpoint(name):
-        """Rank 0 saves; a failed save stops every rank."""
-        check_finite()
-        rng, error = capture_rng(env), None
-        if env.master:
+    def save(self, name):
+        self.check_finite()
+        rng, error = capture_rng(self.env), None
+        if self.env.master:
             try:
-                save_checkpoint(out / name, dict(
-                    model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    progress=asdict(progress), schedule=schedule, args=vars(args), model_config=asdict(raw_model.cfg),
-                    rng=rng))
+                save_checkpoint(self.out / name, dict(
+                    model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict(), progress=asdict(self.progress), schedule=self.schedule,
+                    args=vars(self.args), model_config=asdict(self.model.cfg), rng=rng))
             except OSError as e:
                 error = str(e)
-        if broadcast_object(error, env):
+        if broadcast_object(error, self.env):
             raise SystemExit(error)
 
-    def bad_samples():
-        """(replacements, rows) of every rank since the last call; over --max_bad_fraction, save and stop."""
-        bad, seen, rows = monitor.take()
-        if env.ddp:
-            counts = torch.tensor([bad, seen])
-            dist.all_reduce(counts, group=env.control)
-            bad, seen = counts.tolist()
-            rows = sum(gather_objects(rows, env), []) if bad else []
-        problem = monitor.check(bad, seen)
-        if problem:
-            checkpoint("last.pth")
-            raise SystemExit(f"{problem}. Stopped after step {progress.step}, saved in {out / 'last.pth'}")
-        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-        return bad, rows, f" | {bad} bad samples replaced: {', '.join(rows[:5])}{more}" if bad else ""
 
-    longest, t_check = 0.0, time.time()
+def bad_samples(monitor, env, checkpoints):
+    """(replaced, rows, text for the log line) of every rank since the last call; too many: save and stop."""
+    bad, seen, rows = monitor.take()
+    if env.ddp:
+        counts = torch.tensor([bad, seen])
+        dist.all_reduce(counts, group=env.control)
+        bad, seen = counts.tolist()
+        rows = sum(gather_objects(rows, env), []) if bad else []
+    problem = monitor.check(bad, seen)
+    if problem:
+        checkpoints.save("last.pth")
+        raise SystemExit(f"{problem}. Stopped after step {checkpoints.progress.step}, "
+                         f"saved in {checkpoints.out / 'last.pth'}")
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return bad, rows, f" | {bad} bad samples replaced: {', '.join(rows[:5])}{more}" if bad else ""
 
-    def stop_reason(received):
-        """Why to stop after this step, agreed by every rank: a signal any rank received, or --time_limit near."""
-        nonlocal longest, t_check
+
+class Stopper:
+    """Why to stop after a step, agreed by every rank: --stop_at_step, SIGTERM or SIGUSR1 (noted by the
+    handlers this context installs), or --time_limit near (two of the longest steps to spare)."""
+    REASONS = ["", "--time_limit", "SIGUSR1", "SIGTERM"]
+
+    def __init__(self, args, env):
+        self.args, self.env, self.received = args, env, []
+        self.longest, self.last = 0.0, time.time()
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def receive(self, signum, frame):
+        self.received.append(signal.Signals(signum).name)
+
+    def __call__(self, step):
+        if self.args.stop_at_step and step >= self.args.stop_at_step:
+            return "--stop_at_step"
         now = time.time()
-        longest, t_check = max(longest, now - t_check), now
-        reasons = ["", "--time_limit", "SIGUSR1", "SIGTERM"]
-        code = max([reasons.index(r) for r in received] + [0])
-        if args.time_limit and now - env.started + 2 * longest > args.time_limit:  # 2 steps (or epoch ends) to spare
+        self.longest, self.last = max(self.longest, now - self.last), now
+        code = max([self.REASONS.index(r) for r in self.received] + [0])
+        if self.args.time_limit and now - self.env.started + 2 * self.longest > self.args.time_limit:
             code = max(code, 1)
-        if env.ddp:
+        if self.env.ddp:
             code = torch.tensor([code])
-            dist.all_reduce(code, op=dist.ReduceOp.MAX, group=env.control)
-        return reasons[int(code)]
+            dist.all_reduce(code, op=dist.ReduceOp.MAX, group=self.env.control)
+        return self.REASONS[int(code)]
 
-    sums, finite, count, t_data, t_last = None, None, 0, 0.0, time.time()
-    with stop_signals() as received:
+
+class Meter:
+    """The loss parts since the last log line, summed on the device, and the time waiting for data."""
+
+    def __init__(self):
+        self.names, self.sums, self.count, self.t_data, self.t_last = [], None, 0, 0.0, time.time()
+
+    def add(self, parts, accum_steps):
+        self.names = ["loss"] + [k for k in parts if k != "loss"]
+        now = torch.stack([parts[k].detach().float() for k in self.names]) / accum_steps
+        self.sums = now if self.sums is None else self.sums + now
+
+    def log(self, log, env, epoch, step, total_steps, lr, grad_norm, clips_per_step, bad_samples):
+        bad, rows, replaced = bad_samples
+        means = self.sums / self.count
+        if env.ddp:  # the mean over the ranks
+            dist.all_reduce(means)
+            means /= env.world_size
+        means = dict(zip(self.names, means.tolist()))
+        elapsed = time.time() - self.t_last
+        values = dict(epoch=epoch, step=step, **means, lr=lr, grad_norm=grad_norm.item(),
+                      samples_per_s=self.count * clips_per_step / elapsed, data_wait=self.t_data / elapsed,
+                      eta_s=(total_steps - step) * elapsed / self.count, peak_mem_mb=peak_memory_mb(env.device),
+                      bad_samples=bad, bad_rows=rows)
+        losses = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+        log.record(values, f"epoch {epoch} step {step}/{total_steps} | {losses} | "
+                           f"lr {lr:.2e} grad {values['grad_norm']:.3f} | "
+                           f"{values['samples_per_s']:.1f} clips/s, data wait {values['data_wait']:.0%}, "
+                           f"eta {values['eta_s'] / 60:.1f} min, peak mem {values['peak_mem_mb']:.0f} MB{replaced}")
+        self.sums, self.count, self.t_data, self.t_last = None, 0, 0.0, time.time()
+
+
+def optimizer_step(optimizer, scaler, params, lr, clip_grad):
+    """Set each group's lr (times its lr_scale), unscale, clip, step; the gradient norm, on the device."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=None, check_batch=None):
+    """Run the epochs: True once all are done, False if stopped early (last.pth saved). compute_loss(model,
+    batch) -> dict of scalar tensors with 'loss'; check_batch(batch) checks a host batch; on_epoch_end(epoch)
+    runs before the epoch's checkpoints. Between logging steps nothing is read from the device."""
+    scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
+    model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
+    if env.ddp:  # freed when train returns, before close() ends its process group
+        model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    progress, schedule = start_state(args, env, raw_model, optimizer, scaler, log)
+    if progress.step == 0 and env.master:  # a fresh run (--resume none too) starts its own log.jsonl
+        log.path.unlink(missing_ok=True)
+    schedule, clips_per_step, total_steps = plan(args, env, loader, progress, schedule, log)
+    checkpoints = Checkpoints(args, env, raw_model, optimizer, scaler, progress, schedule)
+    monitor = data.BadSampleMonitor(loader.dataset.samples, args.max_bad_fraction)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    meter = Meter()
+    with Stopper(args, env) as stop:
         for epoch in range(progress.epoch, args.epochs):
             loader.sampler.set_epoch(epoch)
             loader.sampler.start = progress.clips
             loader.dataset.set_epoch(epoch)
             model.train()
-            batches = iter(loader)
-            for micro in range(len(loader) // args.accum_steps * args.accum_steps):
-                t0 = time.time()
-                batch = next(batches)
-                t_data += time.time() - t0
-                monitor.update(batch)  # the loader's host tensors: no device sync
-                if check_batch is not None:
-                    check_batch(batch)
-                batch = to_device(batch, env.device)
-                last_micro = (micro + 1) % args.accum_steps == 0
-                with model.no_sync() if env.ddp and not last_micro else nullcontext(), autocast(args, env):
-                    parts = compute_loss(model, batch)
-                scaler.scale(parts["loss"] / args.accum_steps).backward()
-                names = ["loss"] + [k for k in parts if k != "loss"]
-                now = torch.stack([parts[k].detach().float() for k in names]) / args.accum_steps
-                sums = now if sums is None else sums + now
-                finite = torch.isfinite(now[0]) if finite is None else finite & torch.isfinite(now[0])
-                if not last_micro:
-                    continue
-                step_lr = lr_at(epoch * schedule["clips_per_epoch"] + progress.clips, total_clips,
-                                schedule["warmup_clips"], schedule["lr"], schedule["min_lr"], schedule["warmup_lr"])
-                for group in optimizer.param_groups:
-                    group["lr"] = step_lr * group.get("lr_scale", 1.0)
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+            batches, steps = iter(loader), len(loader) // args.accum_steps
+            for i in range(steps):
+                for micro in range(args.accum_steps):
+                    t0 = time.time()
+                    batch = next(batches)
+                    meter.t_data += time.time() - t0
+                    monitor.update(batch)  # the loader's host tensors: no device sync
+                    if check_batch is not None:
+                        check_batch(batch)
+                    batch = to_device(batch, env.device)
+                    sync = not env.ddp or micro + 1 == args.accum_steps  # gradients sync on the last micro-step
+                    with nullcontext() if sync else model.no_sync(), autocast(args, env):
+                        parts = compute_loss(model, batch)
+                    scaler.scale(parts["loss"] / args.accum_steps).backward()
+                    meter.add(parts, args.accum_steps)
+                    checkpoints.note(parts["loss"].detach(), progress.step + 1)
+                lr = lr_at(schedule, epoch * schedule["clips_per_epoch"] + progress.clips,
+                           args.epochs * schedule["clips_per_epoch"])
+                grad_norm = optimizer_step(optimizer, scaler, params, lr, args.clip_grad)
                 if not scaler.is_enabled():  # with fp16's scaler an infinite gradient only skips the step
-                    finite = finite & torch.isfinite(grad_norm)
-                first_bad = torch.where(finite, first_bad, first_bad.clamp(max=progress.step + 1))
+                    checkpoints.note(grad_norm, progress.step + 1)
                 progress.step, progress.clips = progress.step + 1, progress.clips + clips_per_step
-                count, finite = count + 1, None
-
-                if progress.step % args.log_every == 0 or micro + 1 == len(loader) // args.accum_steps * args.accum_steps:
-                    check_finite()
-                    bad, rows, replaced = bad_samples()
-                    means = dict(zip(names, all_mean(sums / count, env).tolist()))
-                    elapsed = time.time() - t_last
-                    values = dict(epoch=epoch, step=progress.step, **means, lr=step_lr, grad_norm=grad_norm.item(),
-                                  samples_per_s=count * clips_per_step / elapsed, data_wait=t_data / elapsed,
-                                  eta_s=(total_steps - progress.step) * elapsed / count,
-                                  peak_mem_mb=peak_memory_mb(env.device), bad_samples=bad, bad_rows=rows)
-                    losses = " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                    log.record(values, f"epoch {epoch} step {progress.step}/{total_steps} | {losses} | "
-                                       f"lr {step_lr:.2e} grad {values['grad_norm']:.3f} | "
-                                       f"{values['samples_per_s']:.1f} clips/s, data wait {values['data_wait']:.0%}, "
-                                       f"eta {values['eta_s'] / 60:.1f} min, peak mem {values['peak_mem_mb']:.0f} MB"
-                                       f"{replaced}")
-                    sums, count, t_data, t_last = None, 0, 0.0, time.time()
+                meter.count += 1
+                if progress.step % args.log_every == 0 or i + 1 == steps:
+                    checkpoints.check_finite()
+                    meter.log(log, env, epoch, progress.step, total_steps, lr, grad_norm, clips_per_step,
+                              bad_samples(monitor, env, checkpoints))
                 if args.save_every_steps and progress.step % args.save_every_steps == 0:
-                    checkpoint("last.pth")
-                reason = "--stop_at_step" if args.stop_at_step and progress.step >= args.stop_at_step else \
-                    stop_reason(received)
+                    checkpoints.save("last.pth")
+                reason = stop(progress.step)
                 if reason:
-                    checkpoint("last.pth")
-                    log(f"stopped after step {progress.step} ({reason}): saved {out / 'last.pth'}; "
+                    checkpoints.save("last.pth")
+                    log(f"stopped after step {progress.step} ({reason}): saved {checkpoints.out / 'last.pth'}; "
                         "run the same command again to go on")
                     return False
             progress.epoch, progress.clips = epoch + 1, 0
-            check_finite()  # before testing or drawing a model that may be broken
-            bad, rows, replaced = bad_samples()
+            checkpoints.check_finite()  # before testing or drawing a model that may be broken
+            bad, _, replaced = bad_samples(monitor, env, checkpoints)
             if bad:
                 log(f"epoch {epoch} since the last log line{replaced}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
-            checkpoint("last.pth")
+            checkpoints.save("last.pth")
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                checkpoint(f"checkpoint-{epoch:03d}.pth")
+                checkpoints.save(f"checkpoint-{epoch:03d}.pth")
     return True
 
 
-# ----------------------------------------------------------------------------------------------
-# 8. Pre-training: the loss, the reconstruction figure, the benchmark
+# 8. Pre-training: the loss and the reconstruction figure
 
 def pretraining_loss_fn(cfg, gather, compile=False):
     """compute(model, batch) -> the loss parts. compile=True compiles the loss (the caller compiles the model):
@@ -703,108 +708,26 @@ def save_reconstruction(path, model, batch, cfg):
     if cfg.normalize_target:
         pred_a = pred_a * masked_spec.std(dim=1, keepdim=True) + masked_spec.mean(dim=1, keepdim=True)
     low, high = spec.min(), spec.max()
-    specs = [spec, fill_masked(spec, torch.full_like(masked_spec, low.item()), audio_mask), fill_masked(spec, pred_a, audio_mask)]
+    specs = [spec, fill_masked(spec, torch.full_like(masked_spec, low.item()), audio_mask),
+             fill_masked(spec, pred_a, audio_mask)]
     images = [((unpatchify_audio(s, cfg)[0, 0].T.flip(0) - low) / (high - low)).clamp(0, 1) for s in specs]  # freq up
     strip = torch.cat([F.pad(im, (2, 2, 2, 2), value=1.0) for im in images], dim=1)
-    strip = F.interpolate(strip[None, None], size=(round(strip.shape[0] * grid.shape[2] / strip.shape[1]), grid.shape[2]),
-                          mode="nearest")[0].expand(3, -1, -1)
+    height = round(strip.shape[0] * grid.shape[2] / strip.shape[1])
+    strip = F.interpolate(strip[None, None], size=(height, grid.shape[2]), mode="nearest")[0].expand(3, -1, -1)
     save_image(torch.cat([grid, strip], dim=1), path)
     model.train()
 
 
-def benchmark(args, env, cfg):
-    """Training steps on random tensors made on the device, or with --data_path on the loader's batches:
-    samples/s, TFLOP/s, MFU, peak memory; forward, backward and optimiser step timed apart (the device is
-    synchronised between them here, never in training; the rate includes these waits); compiled, the
-    compile time (the first step's excess over the median) and the graph breaks."""
-    torch.manual_seed(args.seed)
-    model = HiCMAE(cfg).to(env.device)
-    optimizer = configure_optimizer(model, 1e-4, args.weight_decay, tuple(args.betas), device_type=env.device.type)
-    scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
-    B, g = args.batch_size, torch.Generator().manual_seed(0)
-    random_batch = to_device(dict(
-        video=torch.randn(B, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=env.device),
-        audio=torch.randn(B, 1, cfg.audio_frames, cfg.mel_bins, device=env.device),
-        video_mask=torch.stack([data.tube_mask(*cfg.video_grid, cfg.video_mask_ratio, g) for _ in range(B)]),
-        audio_mask=torch.stack([data.random_mask(cfg.num_audio_tokens, cfg.audio_mask_ratio, g) for _ in range(B)])),
-        env.device)
-    loader = (make_loader(pretrain_set(args, cfg), args, env) if args.data_path else None)
-    batches = iter(())
-    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-    notes = []
-    if args.compile:  # graph breaks of the forward and loss, as dynamo traces them (no compilation)
-        with autocast(args, env):
-            explained = torch._dynamo.explain(lambda b: pretraining_loss_fn(cfg, False)(model, b)["loss"])(random_batch)
-        torch._dynamo.reset()
-        notes.append(f"graph breaks in forward + loss: {explained.graph_break_count} (graphs: {explained.graph_count})")
-    compute = pretraining_loss_fn(cfg, gather=False, compile=args.compile)
-    fwd = torch.compile(model, fullgraph=True) if args.compile else model
-
-    def step():
-        nonlocal batches
-        t0 = time.perf_counter()
-        batch = random_batch
-        if loader is not None:
-            batch = next(batches, None)
-            if batch is None:
-                batches = iter(loader)
-                batch = next(batches)
-            batch = to_device(batch, env.device)
-        t1 = time.perf_counter()
-        with autocast(args, env):
-            loss = compute(fwd, batch)["loss"]
-        sync()
-        t2 = time.perf_counter()
-        scaler.scale(loss).backward()
-        sync()
-        t3 = time.perf_counter()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        return t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3  # data, forward, backward, optimiser
-
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    for _ in range(args.bench_warmup - 1):
-        step()
-    if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(env.device)
-    times = torch.tensor([step() for _ in range(args.bench_steps)])  # (steps, 4) seconds
-    seconds = times.sum().item()
-    data_s, fwd_s, bwd_s, opt_s = times.median(0).values.tolist()
-    samples_per_s = B * args.bench_steps / seconds
-    tflops = 3 * 2 * count_macs(cfg, "pretrain") * samples_per_s / 1e12  # forward + backward = 3 x forward
-    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "CPU"
-    if args.compile:
-        notes.append(f"compile {first - times.sum(1).median().item():.1f} s (first step {first:.1f} s)")
-    if loader is not None:
-        wait = times[:, 0].sum().item() / seconds
-        notes.append(f"the loader ({args.num_workers} workers) included: data wait {wait:.0%}, "
-                     f"median {data_s * 1e3:.1f} ms per step")
-    print(f"benchmark: HiCMAE-{args.size} pre-training, {B} clips/step, {amp_dtype(args, env)}, "
-          f"compile={args.compile}, "
-          f"{device_name}: {samples_per_s:.1f} samples/s, {tflops:.1f} TFLOP/s, MFU {tflops / args.peak_tflops:.1%} "
-          f"of {args.peak_tflops:g}, peak memory {peak_memory_mb(env.device):.0f} MB\n"
-          f"  per step (median of {args.bench_steps}): forward {fwd_s * 1e3:.1f} ms, backward {bwd_s * 1e3:.1f} ms, "
-          f"optimiser {opt_s * 1e3:.1f} ms" + "".join(f"\n  {n}" for n in notes), flush=True)
-    return samples_per_s
-
-
-# ----------------------------------------------------------------------------------------------
 # 9. The demo recipe and main
 
 DEMO_DIR = "demo_data"
 DEMO_MODEL = dict(size="tiny", img_size=64, num_frames=8, audio_frames=128, mel_bins=64, dim=128, heads=4,
-                  depth=4, fusion_depth=1, inter_layers=[1, 2, 3], decoder_dim=64, decoder_heads=2)
-# The demo departs from the paper on purpose, to learn within 5 minutes on 2 CPU cores: 50% masks (a
-# 64-pixel frame has only 16 patches, and at 90% the face's mouth and brows are hidden from the
-# contrastive loss), a larger HCMCL weight (at 0.0025 the two encoders never align in so few steps;
-# at 1.0 the reconstructions do not learn) and a larger learning rate.
-DEMO = dict(DEMO_MODEL, output_dir="runs/demo_pretrain", batch_size=16, epochs=32, warmup_epochs=1, base_lr=0.048,
-            min_lr=1e-4, num_workers=1, log_every=20, save_every=100, video_mask_ratio=0.5, audio_mask_ratio=0.5,
-            hcmcl_weight=0.3)
+                  depth=4, fusion_depth=1, inter_layers=[1, 2, 3])  # the encoders' geometry, fine-tuning's too
+# To learn within 5 minutes on 2 CPU cores: 50% masks (a 64-pixel frame has 16 patches; at 90% mouth and
+# brows are hidden), a larger HCMCL weight (at 0.0025 the encoders do not align in so few steps), a larger lr.
+DEMO = dict(DEMO_MODEL, decoder_dim=64, decoder_heads=2, output_dir="runs/demo_pretrain", batch_size=16, epochs=32,
+            warmup_epochs=1, base_lr=0.048, min_lr=1e-4, num_workers=1, log_every=20, save_every=100,
+            video_mask_ratio=0.5, audio_mask_ratio=0.5, hcmcl_weight=0.3)
 
 
 def demo_manifests(env):
@@ -819,11 +742,6 @@ def demo_manifests(env):
     return str(train), str(test)
 
 
-def pretrain_set(args, cfg):
-    samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
-    return data.PretrainDataset(samples, cfg, sampling_rate=args.sampling_rate, seed=args.seed)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=DEMO_EPILOG)
     add_model_args(parser)
@@ -833,11 +751,6 @@ def build_parser():
     g.add_argument("--gather_negatives", action="store_true",
                    help="HCMCL negatives from every GPU (default: the local batch, as the authors)")
     g.add_argument("--visualize_every", type=int, default=1, help="reconstruction figure every N epochs (0: never)")
-    g.add_argument("--benchmark", action="store_true",
-                   help="time training steps on random tensors (with --data_path: the loader's batches) and exit")
-    g.add_argument("--bench_steps", type=int, default=30, help="timed steps of --benchmark")
-    g.add_argument("--bench_warmup", type=int, default=10, help="untimed steps before them")
-    g.add_argument("--peak_tflops", type=float, default=989.0, help="for MFU (H100 SXM dense bf16: 989)")
     return parser
 
 
@@ -845,8 +758,6 @@ def main(argv=None):
     args = parse_args(build_parser(), argv, DEMO)
     env = setup(args)
     cfg = model_config(args)
-    if args.benchmark:
-        return benchmark(args, env, cfg)
     check_output_dir(args.output_dir)
     log = Logger(args.output_dir, env.master)
     if args.data_path is None:
@@ -854,17 +765,13 @@ def main(argv=None):
         log(f"no --data_path: pre-training a small model on the demo data set ({args.data_path})")
     log(f"model: {cfg}")
 
-    dataset = pretrain_set(args, cfg)
+    samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
+    dataset = data.PretrainDataset(samples, cfg, sampling_rate=args.sampling_rate, seed=args.seed)
     loader = make_loader(dataset, args, env)
-
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw_model = HiCMAE(cfg).to(env.device)
     torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path)
     optimizer = configure_optimizer(raw_model, 0.0, args.weight_decay, tuple(args.betas), device_type=env.device.type)
-    scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
-    model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
-    if env.ddp:
-        model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     figure_batch = to_device(dataset[0], env.device) if env.master and args.visualize_every else None
 
     def on_epoch_end(epoch):
@@ -874,13 +781,11 @@ def main(argv=None):
             save_reconstruction(path, raw_model, batch, cfg)
             log(f"wrote {path}")
 
-    gather = args.gather_negatives and env.ddp
-    if train(args, env, model, raw_model, optimizer, scaler, loader, pretraining_loss_fn(cfg, gather, args.compile),
-             log, on_epoch_end, check_batch=lambda batch: check_masks(cfg, batch["video_mask"], batch["audio_mask"])):
+    compute_loss = pretraining_loss_fn(cfg, args.gather_negatives and env.ddp, args.compile)
+    if train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end,
+             check_batch=lambda batch: check_masks(cfg, batch["video_mask"], batch["audio_mask"])):
         log(f"done: checkpoints in {args.output_dir}/")
-    if env.ddp:
-        del model  # DDP's reducer must go before its process group: freed after it, a rank can hang at exit
-        dist.destroy_process_group()
+    close(env)
     return raw_model
 
 

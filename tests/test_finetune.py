@@ -19,12 +19,12 @@ import data
 import evaluate
 import finetune
 import pretrain
+from model import load_checkpoint
 from tools.demo_data import DEMO_CLASSES, write_demo
 
 TINY = ["--size", "tiny", "--img_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--audio_frames", "32",
-        "--mel_bins", "32", "--dim", "32", "--heads", "2", "--depth", "2", "--inter_layers", "1",
-        "--decoder_depth", "2", "--fusion_depth", "1", "--decoder_dim", "16", "--decoder_heads", "2",
-        "--num_workers", "0", "--device", "cpu"]
+        "--mel_bins", "32", "--dim", "32", "--heads", "2", "--depth", "3", "--inter_layers", "0", "1", "2",
+        "--fusion_depth", "1", "--num_workers", "0", "--device", "cpu"]
 # No augmentation, so that 20 short epochs are enough to fit the training clips.
 PLAIN = ["--batch_size", "8", "--warmup_epochs", "1", "--base_lr", "0.1", "--min_lr", "0.001", "--drop_path", "0",
          "--rand_ops", "0", "--erase_prob", "0", "--mixup", "0", "--cutmix", "0", "--crop_scale", "1", "1",
@@ -131,16 +131,17 @@ def test_no_mixing_gives_smoothed_one_hot_targets():
 # ----------------------------------------------------------------------------------------------
 # Layer-wise learning-rate decay (paper Sec. 4.1, the authors' code): layer id i gets 0.75^(Ns + Nf + 1 - i)
 
-LAYER_IDS = [  # name prefix -> layer id for depth 2 and fusion depth 1, written out by hand
+LAYER_IDS = [  # name prefix -> layer id for depth 3 and fusion depth 1, written out by hand
     ("video_encoder.patch_embed.", 0), ("audio_encoder.patch_embed.", 0),
     ("video_encoder.blocks.0.", 1), ("audio_encoder.blocks.0.", 1),
     ("video_encoder.blocks.1.", 2), ("audio_encoder.blocks.1.", 2),
-    ("fusion.video_blocks.0.", 3), ("fusion.audio_blocks.0.", 3),
+    ("video_encoder.blocks.2.", 3), ("audio_encoder.blocks.2.", 3),
+    ("fusion.video_blocks.0.", 4), ("fusion.audio_blocks.0.", 4),
 ]
 
 
 def expected_layer_id(name):
-    return next((i for prefix, i in LAYER_IDS if name.startswith(prefix)), 4)  # the rest: norms, weights, head
+    return next((i for prefix, i in LAYER_IDS if name.startswith(prefix)), 5)  # the rest: norms, weights, head
 
 
 def test_layer_decay_groups():
@@ -152,11 +153,11 @@ def test_layer_decay_groups():
     assert len(group_of) == len(names)
     for name, p in model.named_parameters():
         group = group_of[id(p)]
-        assert group["lr_scale"] == pytest.approx(0.75 ** (4 - expected_layer_id(name))), name
+        assert group["lr_scale"] == pytest.approx(0.75 ** (5 - expected_layer_id(name))), name
         assert group["weight_decay"] == (0.05 if p.ndim >= 2 else 0.0), name
     scale = {name: group_of[id(p)]["lr_scale"] for name, p in model.named_parameters()}
-    assert scale["video_encoder.patch_embed.weight"] == pytest.approx(0.75 ** 4)
-    assert scale["audio_encoder.blocks.1.mlp.fc1.weight"] == pytest.approx(0.75 ** 2)
+    assert scale["video_encoder.patch_embed.weight"] == pytest.approx(0.75 ** 5)
+    assert scale["audio_encoder.blocks.1.mlp.fc1.weight"] == pytest.approx(0.75 ** 3)
     assert scale["fusion.audio_blocks.0.cross_attn.q.weight"] == pytest.approx(0.75)
     assert scale["head.weight"] == scale["fc_norm.weight"] == scale["video_layer_weights"] == 1.0
 
@@ -291,6 +292,25 @@ def test_regression_run(demo, tmp_path, capsys):
     assert metric_lines(printed) == metric_lines(capsys.readouterr().out)
 
 
+def test_a_pretraining_checkpoint_initialises_fine_tuning(demo, tmp_path, capsys):
+    """pretrain.py's last.pth (with decoders and their flags) into finetune.py, which has neither: with lr 0
+    the fine-tuned encoders are exactly the pre-trained ones."""
+    pretrain.main(TINY + ["--decoder_dim", "16", "--decoder_heads", "2", "--video_mask_ratio", "0.5",
+                          "--audio_mask_ratio", "0.5", "--visualize_every", "0", "--batch_size", "8", "--epochs", "1",
+                          "--data_path", demo["train"], "--output_dir", str(tmp_path / "pre")])
+    finetune.main(TINY + ["--init", str(tmp_path / "pre" / "last.pth"), "--base_lr", "0", "--min_lr", "0",
+                          "--warmup_lr", "0", "--batch_size", "8", "--epochs", "1", "--num_clips", "1", "--num_crops",
+                          "1", "--data_path", demo["train"], "--test_path", demo["test"],
+                          "--output_dir", str(tmp_path / "ft")])
+    assert f"initialised from {tmp_path / 'pre' / 'last.pth'}" in capsys.readouterr().out
+    pre = load_checkpoint(tmp_path / "pre" / "last.pth")["model"]
+    ft = load_checkpoint(tmp_path / "ft" / "last.pth")["model"]
+    encoders = [k for k in ft if k.startswith(("video_encoder.", "audio_encoder.", "fusion."))]
+    assert encoders and all(torch.equal(ft[k], pre[k]) for k in encoders)
+    model, _ = evaluate.load_finetuned(str(tmp_path / "ft" / "last.pth"))  # the fine-tuned checkpoint rebuilds
+    assert model.cfg == finetune.run_config(args_for(*TINY))
+
+
 def test_labels_per_class_keeps_that_many_clips_of_each_class(demo):
     args = finetune.build_parser().parse_args(TINY + ["--data_path", demo["train"], "--test_path", demo["test"],
                                                      "--labels_per_class", "2"])
@@ -369,7 +389,8 @@ def test_help_shows_the_values_each_stage_uses(capsys):
         finetune.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # the lines unwrapped
     assert "--drop_path DROP_PATH default 0.1 " in text
-    assert "--video_mask_ratio VIDEO_MASK_RATIO pre-training only: no effect here (default 0.9)" in text
+    for flag in finetune.PRETRAIN_ONLY:  # the decoders and the pre-training objective: not offered here
+        assert f"--{flag}" not in text, flag
     assert "--size {tiny,small,base} HiCMAE-T/S/B (default base)" in text
     assert "--dim DIM default by --size: tiny 256, small 384, base 512" in text
     for parser in (finetune.build_parser(), pretrain.build_parser(), evaluate.build_parser()):

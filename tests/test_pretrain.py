@@ -15,6 +15,7 @@ import data
 import model
 import pretrain
 from model import convert_official, load_checkpoint, model_state
+from tools import bench_step
 from tools.demo_data import write_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,9 +220,11 @@ def test_a_short_run_lowers_the_loss_and_draws_the_reconstruction(manifest, tmp_
     assert image.shape[0] == 3 and image.shape[2] > 4 * 32  # a row of 4 frames of 32 pixels, with padding
 
 
+BENCH = TINY[:TINY.index("--log_every")]  # the model, device and loader flags
+
+
 def test_benchmark_reports_throughput(capsys):
-    samples_per_s = pretrain.main([*TINY, "--benchmark", "--batch_size", "2", "--bench_steps", "2",
-                                   "--bench_warmup", "1"])
+    samples_per_s = bench_step.main([*BENCH, "--batch_size", "2", "--bench_steps", "2", "--bench_warmup", "1"])
     assert samples_per_s > 0
     line = capsys.readouterr().out
     assert "samples/s" in line and "TFLOP/s" in line and "MFU" in line and "peak memory" in line
@@ -232,13 +235,19 @@ def test_compiled_benchmark_reports_graph_breaks_and_compile_time(capsys, monkey
     """Dynamo with the eager backend (no inductor build in a test): fullgraph=True fails on any break."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager", **kwargs))
-    pretrain.main([*TINY, "--benchmark", "--compile", "--batch_size", "2", "--bench_steps", "2", "--bench_warmup", "1",
-                   "--data_path", manifest])
+    bench_step.main([*BENCH, "--compile", "--batch_size", "2", "--bench_steps", "2", "--bench_warmup", "1",
+                     "--data_path", manifest])
     torch._dynamo.reset()
     out = capsys.readouterr().out
     assert "graph breaks in forward + loss: 0 (graphs: 1)" in out
     assert re.search(r"compile -?\d+\.\d s \(first step \d+\.\d s\)", out)
     assert re.search(r"loader \(0 workers\) included: data wait \d+%", out)
+
+
+def test_bench_step_runs_as_a_command():
+    out = launch([sys.executable, str(REPO / "tools" / "bench_step.py"), *BENCH, "--batch_size", "2",
+                  "--bench_steps", "2", "--bench_warmup", "1"])
+    assert out.startswith("benchmark: HiCMAE-tiny pre-training, 2 clips/step, fp32, compile=False, CPU: ")
 
 
 def test_autocast_is_bf16_on_cpu_when_asked_and_fp32_by_default():
@@ -253,8 +262,8 @@ def test_autocast_is_bf16_on_cpu_when_asked_and_fp32_by_default():
 
 
 def test_a_plain_cuda_device_is_named_with_the_current_gpu(monkeypatch):
-    """torch.cuda.set_device refuses an index-less "cuda" (seen on an H200: `pretrain.py --device cuda` died in
-    setup); a single process names the current GPU. set_device is replaced by one that refuses as CUDA's does."""
+    """torch.cuda.set_device refuses an index-less "cuda": a single process names the current GPU.
+    set_device is replaced by one that refuses as CUDA's does."""
     def set_device(device):
         if device.index is None:
             raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
