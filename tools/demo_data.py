@@ -116,9 +116,12 @@ def _demo_face(rng, curve, slope, pitch, timbre, opening):
 def _write_mp4(path, frames, wave):
     """Write frames (T, H, W, 3) uint8 as H.264 and wave (N,) float32 as AAC into one .mp4."""
     with av.open(str(path), mode="w") as container:
-        video = container.add_stream("libx264", rate=_DEMO_FPS, options={"preset": "veryfast", "crf": "18"})
+        # one thread and no lookahead (rc-lookahead, mbtree): with them x264 wrote some of these small clips
+        # differently from run to run
+        video = container.add_stream("libx264", rate=_DEMO_FPS, options={
+            "preset": "veryfast", "crf": "18", "x264-params": "threads=1:rc-lookahead=0:mbtree=0"})
         video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        video.codec_context.thread_count = 1  # deterministic output
+        video.codec_context.thread_count = 1
         audio = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono", options={"aac_coder": "fast"})
         audio.bit_rate = 32000
         # Mux in time order: after each video frame, the audio chunks that start before its end.
