@@ -1,11 +1,12 @@
 """Data for HiCMAE, in the order the data flows: manifests, decoding, clip sampling, log-Mel features, masks,
-transforms, data sets, and the command line (python data.py check|scan). Every random choice of an item comes
+transforms, data sets, and the command line (python data.py check|scan|crema-d). Every random choice of an item comes
 from a generator seeded by (seed, epoch, index): an item does not depend on the number of workers or processes.
 """
 
 import argparse
 import math
 import os
+import re
 import sys
 import warnings
 import wave
@@ -790,7 +791,7 @@ class BadSampleMonitor:
         return None
 
 
-# 6. Command line: python data.py check|scan
+# 6. Command line: python data.py check|scan|crema-d
 
 class _RowCheck(torch.utils.data.Dataset):
     """Items of a strict data set as (failed, message): the error, or a warning for a video shorter than
@@ -856,6 +857,81 @@ def scan(root, out, audio_root=None):
     return len(videos)
 
 
+# CREMA-D's five folds as the authors' split files hold them (github.com/sunlicai/HiCMAE,
+# saved/data/crema-d/audio_visual/split0K): every clip but five, in the order of their names
+# (actor_sentence_emotion_level); fold K tests the 18 actors from 1001 + 18 (K - 1) (fold 5: 19) and trains on the rest.
+CREMAD_EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")  # class indices 0..5, the authors' order
+CREMAD_CLASSES = ("anger", "disgust", "fear", "happy", "neutral", "sad")
+CREMAD_NAME = re.compile(r"(\d{4})_[A-Z]{3}_(ANG|DIS|FEA|HAP|NEU|SAD)_[A-Z]{2}")
+CREMAD_LEFT_OUT = {  # the clips the authors' files leave out, and why
+    "1064_IEO_DIS_MD": "about a minute long, every emotion in turn (CREMA-D's list of broken clips)",
+    "1064_TIE_SAD_XX": "no duration (CREMA-D's list of broken clips)",
+    "1076_MTI_NEU_XX": "very short, no sound (CREMA-D's list of broken clips)",
+    "1076_MTI_SAD_XX": "no face, no sound (CREMA-D's list of broken clips)",
+    "1040_ITH_SAD_XX": "its wav was named 1040_ITH_SAD_X.wav until October 2022, so the authors' copy had no audio",
+}
+
+
+def cremad_fold(name):
+    """The fold (1..5) whose test set holds the clip NAME."""
+    return min((int(name[:4]) - 1001) // 18, 4) + 1
+
+
+def _cremad_clips(folder, audio):
+    """{NAME: path} of one listing of a folder, and how many other entries it holds. Audio: the files NAME.wav;
+    video: the frame folders NAME/, else the first file NAME.* by name."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such folder ({'AudioWAV, the audio' if audio else 'the videos'} of CREMA-D)")
+    found, ignored = {}, 0
+    with os.scandir(folder) as listing:
+        entries = sorted((not e.is_dir(), e.name, e.path) for e in listing)  # frame folders first
+    for is_file, entry, path in entries:
+        name, ext = os.path.splitext(entry) if is_file else (entry, "")
+        match = CREMAD_NAME.fullmatch(name)
+        if not match or not 1001 <= int(match[1]) <= 1091 or (audio and ext != ".wav"):
+            ignored += 1
+        elif name not in found:
+            found[name] = path
+    return found, ignored
+
+
+def crema_d(root, out_dir, video_dir=None):
+    """Write out_dir/split0K/{train,test}.csv with classes.txt beside them and in out_dir, for the copy of
+    CREMA-D at root (audio root/AudioWAV/NAME.wav, video in video_dir, default root/VideoFlash). A clip that
+    lacks its audio or its video is printed and left out; returns how many were."""
+    audio_dir = os.path.join(os.path.abspath(root), "AudioWAV")
+    video_dir = os.path.abspath(video_dir or os.path.join(root, "VideoFlash"))
+    for path in (audio_dir, video_dir):
+        if any(ch.isspace() for ch in path):
+            raise DataError(f"{path}: the path must not contain whitespace (manifests are space separated)")
+    audio, ignored_audio = _cremad_clips(audio_dir, audio=True)
+    video, ignored_video = _cremad_clips(video_dir, audio=False)
+    found = audio.keys() | video.keys()
+    rows, missing = [], 0
+    for name in sorted(found - CREMAD_LEFT_OUT.keys()):
+        if name not in video:
+            print(f"{os.path.join(video_dir, name)}: no video file or frame folder for this clip")
+        elif name not in audio:
+            print(f"{os.path.join(audio_dir, name)}.wav: no audio file for this clip")
+        else:
+            rows.append((name, f"{video[name]} {audio[name]} {CREMAD_EMOTIONS.index(name[9:12])}\n"))
+            continue
+        missing += 1
+    classes = "".join(name + "\n" for name in CREMAD_CLASSES)
+    for fold in range(1, 6):
+        split = Path(out_dir) / f"split{fold:02d}"
+        split.mkdir(parents=True, exist_ok=True)
+        (split / "classes.txt").write_text(classes)
+        (split / "train.csv").write_text("".join(row for name, row in rows if cremad_fold(name) != fold))
+        (split / "test.csv").write_text("".join(row for name, row in rows if cremad_fold(name) == fold))
+    (Path(out_dir) / "classes.txt").write_text(classes)
+    actors = len({name[:4] for name, _ in rows})
+    print(f"{len(rows)} clips of {actors} actors written to {out_dir}/split01..split05; "
+          f"{len(found & CREMAD_LEFT_OUT.keys())} left out by the authors' rule, {missing} missing their audio or "
+          f"video, {ignored_audio + ignored_video} other names ignored")
+    return missing
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -870,7 +946,17 @@ def main(argv=None):
     p.add_argument("root")
     p.add_argument("--out", required=True)
     p.add_argument("--audio_root", help="a parallel tree of .m4a/.wav files with the same relative names")
+    p = commands.add_parser("crema-d", help="write the authors' five CREMA-D folds: OUT/split01..05/{train,test}.csv")
+    p.add_argument("root", help="the CREMA-D folder, holding AudioWAV/ (and VideoFlash/)")
+    p.add_argument("--out", required=True, help="folder of the folds and classes.txt")
+    p.add_argument("--videos", metavar="VIDEO_DIR", help="the clips' frame folders NAME/ (OpenFace's aligned faces) "
+                   "or videos NAME.* (default: ROOT/VideoFlash)")
     args = parser.parse_args(argv)
+    if args.command == "crema-d":
+        try:
+            return 1 if crema_d(args.root, args.out, args.videos) else 0
+        except DataError as e:
+            raise SystemExit(f"data.py crema-d: {e}") from None
     if args.command == "check":
         failed = check(args.manifest, parse_root_map(args.root_map), args.workers, args.task, args.num_frames,
                        args.sampling_rate)
