@@ -1,35 +1,15 @@
-"""Evaluation for HiCMAE: metrics, multi-clip testing, predictions files, single-video inference,
-frozen-feature probes.
+"""Evaluation for HiCMAE: metrics, predictions files, multi-view testing, single-video inference and
+frozen-feature probes (the README tells more).
 
-One file, top to bottom:
-  1. metrics: classification (UAR, WAR, weighted and macro F1, AUC, confusion matrix) and
-     regression (PCC, CCC, MSE per dimension)
-  2. predictions files: one CSV row per test video, enough to recompute every metric
-  3. the confusion matrix as a PNG
-  4. multi-view testing (finetune.py tests with it every epoch) and fine-tuned checkpoints
-  5. frozen-feature evaluation: linear and k-NN probes, few-label probes, audio-video retrieval,
-     reconstruction against the constant predictor; each against random initialisation and no model
-  6. command line
-
-Command line:
-  python evaluate.py --checkpoint C --data_path TEST [--root_map OLD=NEW]
-      test a fine-tuned checkpoint (ours, or the authors' checkpoint-best.pth) on a manifest, with
-      the authors' test views (2 clips x 2 crops per video, each frame resized to the model's size)
-      and the scores averaged; print the metrics, write predictions.csv and confusion.png to
-      --output_dir (default: eval-<checkpoint name>/ beside the checkpoint)
-  python evaluate.py --predictions FILE.csv [--output_dir D]
-      recompute and print every metric from a predictions file (and draw D/confusion.png, by default
-      FILE-confusion.png beside the file)
-  python evaluate.py --checkpoint C --video FILE.mp4 [--audio FILE.wav] [--class_names ...]
-      the class probabilities (or regression values) of one video (face crops, as in the data sets:
-      nothing is cropped); a video model reads no audio, an audio model takes --audio FILE alone
-  add --features OUT.npy to either checkpoint form to save the features the head sees, one row per video
+  python evaluate.py --checkpoint C --data_path TEST        test a fine-tuned checkpoint (ours or the authors')
+                                                            on a manifest: metrics, predictions.csv, confusion.png
+  python evaluate.py --predictions FILE.csv                 every metric of a predictions file, and its confusion.png
+  python evaluate.py --checkpoint C --video FILE [--audio FILE]
+                                                            the class probabilities (or values) of one recording
   python evaluate.py --probe --checkpoint C [--data_path TRAIN --test_path TEST] [--json OUT.json]
-      frozen-feature evaluation of any checkpoint (pre-training or fine-tuning) against random
-      initialisation and no model; without --data_path, on the demo data set
-
-The authors select their model (the epoch) on the test split; numbers obtained that way are
-test-selected, and we say so wherever we report them.
+                                                            frozen features of any checkpoint against random
+                                                            initialisation and no model (default: the demo data)
+Add --features OUT.npy to a checkpoint form to save the features the head sees, one row per video.
 """
 
 import argparse
@@ -57,7 +37,8 @@ from pretrain import HelpFormatter, add_device_args, autocast, demo_manifests, s
 # 1. Metrics
 
 CLASSIFICATION_KEYS = ("uar", "war", "weighted_f1", "macro_f1", "auc")
-CLASSIFICATION_LABELS = {"uar": "UAR", "war": "WAR", "weighted_f1": "weighted F1", "macro_f1": "macro F1", "auc": "AUC"}
+CLASSIFICATION_LABELS = {"uar": "UAR", "war": "WAR", "weighted_f1": "weighted F1", "macro_f1": "macro F1",
+                         "auc": "AUC"}
 REGRESSION_KEYS = ("pcc", "ccc", "mse")
 
 
@@ -66,7 +47,7 @@ def _float64(x):
 
 
 def _names(names, count):
-    """names as strings, checked to be count; by default "0", "1", ..."""
+    """count names as strings; by default "0", "1", ..."""
     names = [str(n) for n in names] if names is not None else [str(i) for i in range(count)]
     if len(names) != count:
         raise ValueError(f"{len(names)} names for {count} columns")
@@ -87,11 +68,8 @@ def average_ranks(values):
 
 
 def roc_auc(scores, positive):
-    """Area under the ROC curve of scores (N,) for the boolean labels positive (N,), NaN without both kinds.
-
-    It is the Mann-Whitney U statistic over n_pos * n_neg: the chance that a random positive scores
-    above a random negative, a tie counting one half.
-    """
+    """ROC AUC of scores (N,) for the boolean labels positive (N,), NaN without both kinds: the Mann-Whitney
+    U statistic over n_pos * n_neg (a random positive scores above a random negative, ties count one half)."""
     n_pos = int(positive.sum())
     n_neg = positive.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -112,13 +90,8 @@ def _check_classification(scores, targets, num_classes):
 
 
 def classification_metrics(scores, targets, num_classes=None):
-    """UAR, WAR, weighted and macro F1, macro AUC, per-class recall and the confusion matrix.
-
-    scores (N, K): probabilities or logits; the prediction is the arg max (the first on ties), and AUC
-    ranks the scores of each column, so it differs between logits and probabilities: pass
-    probabilities, as the predictions file holds. targets (N,): class indices. num_classes, when
-    given, must equal K. Every value is a Python float (or list), fractions rather than percentages.
-    """
+    """UAR, WAR, weighted and macro F1, macro AUC, per-class recall and the confusion matrix, as fractions.
+    scores (N, K): probabilities (AUC ranks each column; the prediction is the first arg max); targets (N,)."""
     scores = _float64(scores)
     targets = torch.as_tensor(targets).to("cpu", torch.long)
     _check_classification(scores, targets, num_classes)
@@ -128,11 +101,8 @@ def classification_metrics(scores, targets, num_classes=None):
     hits, support, predicted = counts.diag(), counts.sum(1), counts.sum(0)
 
     recall = hits / support  # NaN for a class without samples: UAR averages the classes present
-    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (support + predicted). A class with no true and no
-    # predicted sample has 0 / 0, which we set to 0 as scikit-learn does (zero_division=0). Macro F1
-    # averages over the classes seen in targets or predictions (scikit-learn's default labels, which
-    # the authors' f1_score call uses), so such a class does not pull it down; weighted F1 weights
-    # each class by its true support, so it carries no weight there either.
+    # F1 = 2 TP / (support + predicted), 0 for a class never true nor predicted (scikit-learn's zero_division=0);
+    # macro F1 averages the classes seen in targets or predictions, as the authors' f1_score call.
     seen = support + predicted
     f1 = torch.where(seen > 0, 2 * hits / seen.clamp(min=1), 0.0)
     auc = torch.tensor([roc_auc(scores[:, c], targets == c) for c in range(k)], dtype=torch.float64)
@@ -148,15 +118,8 @@ def classification_metrics(scores, targets, num_classes=None):
 
 
 def regression_metrics(preds, targets, names=None):
-    """PCC, CCC and MSE per dimension, and their means over the dimensions.
-
-    preds, targets: (N, D), or (N,) for one dimension. names: one per dimension (default "0", "1", ...).
-    Moments are population moments (divided by N). PCC is NaN for a dimension whose predictions or
-    targets are all equal: the correlation is undefined there, and a mean over dimensions that
-    includes it is NaN too. CCC stays defined (0 for constant predictions of varying targets).
-    The authors' evaluation divides the (co)variances of CCC by N - 1 but not the mean term; the
-    difference is of order 1 / N.
-    """
+    """PCC, CCC and MSE per dimension of preds, targets (N, D) or (N,), and their means. Population moments
+    (the authors divide CCC's (co)variances by N - 1, a difference of order 1 / N); PCC is NaN for a constant."""
     preds, targets = _float64(preds), _float64(targets)
     if preds.ndim == 1:
         preds, targets = preds[:, None], targets.reshape(-1, 1)
@@ -188,10 +151,7 @@ def _table(rows):
 
 
 def format_metrics(metrics, class_names=None):
-    """A readable table of the output of classification_metrics or regression_metrics.
-
-    Classification in percent with 2 decimals, regression with 4 decimals.
-    """
+    """A table of classification_metrics (percent, 2 decimals) or regression_metrics (4 decimals)."""
     if "uar" not in metrics:
         names = metrics["names"]
         rows = [[""] + names + ["mean"]]
@@ -210,21 +170,12 @@ def format_metrics(metrics, class_names=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Predictions files
-#
-# A CSV file with a header and one row per video:
-#   classification: path, target, score_<class name> ...   (the class probabilities)
-#   regression:     path, target_<name> ..., pred_<name> ...
-# Numbers are written with repr, the shortest text that reads back to the same float, so the
-# metrics recomputed from the file equal those computed in memory.
+# 2. Predictions files: a CSV row per video, "path, target, score_<class> ..." (class probabilities) or
+# "path, target_<name> ..., pred_<name> ...". Numbers in repr, so that they read back to the same floats.
 
 def write_predictions(path, paths, targets, scores, task, class_names=None):
-    """Write the predictions file of a test run.
-
-    paths (N,): the videos. classification: targets (N,) class indices, scores (N, K) class
-    probabilities, class_names the K class names (default the indices). regression: targets and
-    scores (N, D) (or (N,)), class_names the D dimension names (default the indices).
-    """
+    """The predictions file of N videos: targets (N,) and scores (N, K), or for regression (N, D) each;
+    class_names name the K classes or D dimensions (default the indices)."""
     scores = _float64(scores)
     if task == "classification":
         targets = torch.as_tensor(targets).to(torch.long)
@@ -254,11 +205,7 @@ def _suffixes(columns, prefix, path):
 
 
 def read_predictions(path):
-    """(paths, targets, scores, task, names) from a predictions file; the task comes from the header.
-
-    classification: targets int64 (N,), scores float64 (N, K), names the K class names;
-    regression: targets and scores float64 (N, D), names the D dimension names.
-    """
+    """(paths, targets, scores, task, names) of a predictions file, the task from its header."""
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header, rows = next(reader, []), list(reader)
@@ -298,7 +245,7 @@ FULL_COLOUR = (8, 48, 107)  # a row share of 100%; 0% is white
 
 
 def _fit(text, font, width):
-    """text, cut short with an ellipsis to at most width pixels."""
+    """text, cut short with an ellipsis to fit width pixels."""
     if font.getlength(text) <= width:
         return text
     while text and font.getlength(text + "…") > width:
@@ -316,12 +263,8 @@ def _rotated_text(image, text, font, box, centred=False):
 
 
 def save_confusion_png(confusion, path, class_names=None, title=None):
-    """A PNG of the confusion matrix: rows (true classes) normalised to shares, drawn as a heat map.
-
-    Each cell shows its row share in percent and its count; class names longer than LABEL_PX are cut
-    short. The matrix part is square, of side TITLE_PX + the room of the longest name (at most LABEL_PX)
-    + K * CELL_PX + MARGIN_PX; a title (e.g. the checkpoint) adds a band of TITLE_PX above it.
-    """
+    """A heat map of the confusion matrix, each cell its row share and count, on a square of side TITLE_PX +
+    room of the longest name (at most LABEL_PX) + K * CELL_PX + MARGIN_PX; a title adds TITLE_PX above."""
     counts = torch.as_tensor(confusion, dtype=torch.float64)
     k = len(counts)
     if counts.shape != (k, k):
@@ -371,7 +314,6 @@ SELECTION_KEY = {"classification": "uar", "regression": "ccc"}  # what picks bes
 
 
 def compute_metrics(scores, targets, task, names=None):
-    """classification_metrics (names unused) or regression_metrics, by task."""
     if task == "classification":
         return classification_metrics(scores, targets)
     return regression_metrics(scores, targets, names)
@@ -379,14 +321,9 @@ def compute_metrics(scores, targets, task, names=None):
 
 @torch.no_grad()
 def predict(model, loader, task, device, amp=nullcontext, features=False):
-    """Run every view of every test item through a HiCMAEClassifier and average per item over its V
-    views: the class probabilities (classification, as the authors) or the outputs (regression),
-    and with features=True the fused features the head sees. amp() is the autocast context.
-
-    Under torch.distributed each rank tests its share and every rank gets all the results; the
-    repeats that DistributedSampler pads with are dropped. Returns (indices (N,), scores (N, K or D),
-    features (N, F) or None), in the order of the indices.
-    """
+    """(indices, scores, features or None) of every item, in index order: the class probabilities (or the
+    outputs) and features the head sees, averaged over the item's views. Distributed: every rank gets all,
+    without DistributedSampler's repeats."""
     was_training = model.training
     model.eval()
     indices, scores, feats = [], [], []
@@ -413,17 +350,18 @@ def predict(model, loader, task, device, amp=nullcontext, features=False):
     return tuple(None if r is None else r[order] for r in result)
 
 
-def load_finetuned(path, device="cpu", **overrides):
-    """(model in eval mode, the run's arguments) from a fine-tuned checkpoint: one of finetune.py
-    (best.pth, last.pth), or one saved by the authors' fine-tuning scripts (checkpoint-best.pth).
+def test_loader(samples, cfg, sampling_rate, args, modality="av"):
+    """The test views of samples (--num_clips x --num_crops, --test_views), batched; one recording is read
+    in this process, so that its error reads as the DataError it is."""
+    dataset = data.FinetuneDataset(samples, cfg, train=False, sampling_rate=sampling_rate, num_clips=args.num_clips,
+                                   num_crops=args.num_crops, test_views=args.test_views or "authors", modality=modality)
+    workers = args.num_workers if len(samples) > 1 else 0
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
 
-    Ours rebuilds its model alone (model_config, modality, num_outputs). The authors' is rebuilt by
-    model.authors_config from their saved arguments and the weights' shapes, with `overrides`
-    (e.g. heads=4) for what the file cannot say. The run's arguments also say how to test the model
-    (task, class_names, sampling_rate, num_clips, num_crops, dtype, test_views); for the authors',
-    they come from their flags (test_num_segment, test_num_crop; --loss only exists in their
-    regression script), with no class names.
-    """
+
+def load_finetuned(path, device="cpu", **overrides):
+    """(model in eval mode, run) of a fine-tuned checkpoint, finetune.py's or the authors' checkpoint-best.pth;
+    run says how to test it (model.checkpoint_config); overrides (e.g. heads=4) what the file cannot say."""
     ckpt = load_checkpoint(path)
     try:
         cfg, run = checkpoint_config(ckpt, **overrides)
@@ -440,8 +378,11 @@ def load_finetuned(path, device="cpu", **overrides):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Frozen-feature evaluation: linear probes, k-NN, few-label probes, audio-video retrieval and the
-# reconstruction loss against the constant predictor, for a checkpoint and for random initialisation
+# 5. Frozen-feature evaluation of a checkpoint against random initialisation and no model: linear, k-NN and
+# few-label probes, audio-video retrieval, and the reconstruction loss against the constant predictor
+
+PROBE_L2 = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # the ridge penalties, picked by cross-validation
+
 
 def standardise(train, test):
     """Features scaled by the training split's mean and std."""
@@ -450,27 +391,24 @@ def standardise(train, test):
 
 
 def fit_ridge(x, y, l2):
-    """Ridge regression, closed form: minimises mean |y - x W - b|^2 + l2 |W|^2. Returns the predictor."""
+    """The ridge predictor in closed form: it minimises mean |y - x W - b|^2 + l2 |W|^2."""
     mean_x, mean_y = x.mean(0), y.mean(0)
     xc = x - mean_x
-    w = torch.linalg.solve(xc.T @ xc / len(x) + l2 * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ (y - mean_y) / len(x))
+    gram = xc.T @ xc / len(x) + l2 * torch.eye(x.shape[1], dtype=x.dtype)
+    w = torch.linalg.solve(gram, xc.T @ (y - mean_y) / len(x))
     return lambda z: (z - mean_x) @ w + mean_y
 
 
-PROBE_L2 = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # the regularisation grid, picked by cross-validation
-
-
 def probe_score(pred, y, task):
-    """Accuracy (classification: the arg max of the outputs) or mean CCC (regression) of predictions."""
+    """Accuracy of the arg max (classification) or mean CCC (regression)."""
     if task == "classification":
         return (pred.argmax(1) == y).double().mean().item()
     return regression_metrics(pred, y)["ccc"]
 
 
 def linear_probe(train_x, train_y, test_x, test_y, task, num_classes, folds=5, seed=0):
-    """Standardised features and a linear map fitted in closed form: a ridge classifier on one-hot
-    targets (classification) or a ridge regressor, its L2 penalty picked by `folds`-fold
-    cross-validation on the training split. Returns the test score."""
+    """Test score of a ridge map of the standardised features (to one-hot targets for classification), its
+    penalty picked by `folds`-fold cross-validation on the training split."""
     train_x, test_x = standardise(train_x.double(), test_x.double())
     targets = F.one_hot(train_y, num_classes).double() if task == "classification" else train_y.double()
     folds = min(folds, len(train_x))  # no empty fold
@@ -487,8 +425,8 @@ def linear_probe(train_x, train_y, test_x, test_y, task, num_classes, folds=5, s
 
 
 def knn_probe(train_x, train_y, test_x, test_y, task, num_classes, k=20, temperature=0.07):
-    """k nearest training clips by cosine similarity of the standardised features; votes weighted by
-    exp(similarity / temperature) (classification) or the neighbours' mean target (regression)."""
+    """k nearest training clips by cosine similarity of the standardised features: votes weighted by
+    exp(similarity / temperature), or for regression the neighbours' mean target."""
     train_x, test_x = standardise(train_x.double(), test_x.double())
     sims = F.normalize(test_x, dim=1) @ F.normalize(train_x, dim=1).T
     top, idx = sims.topk(min(k, len(train_x)), dim=1)
@@ -510,9 +448,8 @@ def few_label_subsets(y, per_class, count, seed=0):
 
 
 def retrieval(video_emb, audio_emb):
-    """Audio-to-video and video-to-audio retrieval among N clips, per layer: video_emb, audio_emb (L, N, C).
-    Returns {"a2v_top1": [L], "a2v_top5": [L], "v2a_top1": [L], "v2a_top5": [L]}: the share of clips whose
-    partner is the nearest (among the 5 nearest) by cosine similarity."""
+    """Per layer of video_emb, audio_emb (L, N, C): the share of clips whose partner is the nearest (top1) or
+    among the 5 nearest (top5) by cosine similarity, audio to video (a2v) and video to audio (v2a)."""
     sims = F.normalize(audio_emb, dim=-1) @ F.normalize(video_emb, dim=-1).transpose(1, 2)
     truth = torch.arange(sims.shape[1])
     out = {}
@@ -525,10 +462,9 @@ def retrieval(video_emb, audio_emb):
 
 @torch.no_grad()
 def extract_features(models, loader, device, inter_layers):
-    """One pass over the data for several models. Per model and clip, averaged over the clip's test
-    views: the parts of the fine-tuning feature and the pooled encoder layers at inter_layers (the HCMCL
-    embeddings, unmasked); and once, the no-model baseline ("plain"): per mel bin the mean and std over
-    time of the log-Mel, per channel the mean and std over time of 4 x 4 average-pooled pixels."""
+    """One pass over the data: per model and clip, averaged over its views, the feature's parts and the
+    pooled encoder layers at inter_layers; last, no model: per mel bin the mean and std over time of the
+    log-Mel, per channel the mean and std over time of 4 x 4 average-pooled pixels ("plain_*")."""
     outs = [{} for _ in range(len(models) + 1)]
     for batch in loader:
         video, audio = batch["video"].flatten(0, 1), batch["audio"].flatten(0, 1)  # (B * V, ...)
@@ -552,12 +488,11 @@ def extract_features(models, loader, device, inter_layers):
         out = {k: torch.cat(x) for k, x in out.items()}
         order = out.pop("index").argsort()
         results.append({k: x[order] for k, x in out.items()})
-    return results  # one dict per model, then the no-model baseline
+    return results
 
 
 def feature_sets(feats, modality):
-    """The probed feature sets of a model: av (all parts), audio and video (each encoder's own part);
-    with modality None, those of no model (the plain statistics)."""
+    """The probed sets: av (all parts), audio, video; with modality None, those of no model."""
     if modality is None:
         return {"av": torch.cat([feats["plain_video"], feats["plain_audio"]], 1),
                 "audio": feats["plain_audio"], "video": feats["plain_video"]}
@@ -567,7 +502,7 @@ def feature_sets(feats, modality):
 
 
 def probe_all(train, test, train_y, test_y, task, num_classes, args, modality):
-    """Every probe figure of one encoder (or the no-model baseline when modality is None)."""
+    """Every probe figure of one model's features (of no model when modality is None)."""
     sets, test_sets = feature_sets(train, modality), feature_sets(test, modality)
     result = {}
     for name, x in sets.items():
@@ -587,9 +522,8 @@ def probe_all(train, test, train_y, test_y, task, num_classes, args, modality):
 
 @torch.no_grad()
 def reconstruction_vs_constant(pretrain_model, samples, cfg, sampling_rate, batch_size, num_workers, device, seed=0):
-    """Mean masked-token MSE of a pre-training model on samples, with the pre-training crop and masks,
-    and that of the best constant predictor (each target's mean over the set): {"loss_video",
-    "const_video", "loss_audio", "const_audio"}."""
+    """Mean masked-token MSE of a pre-training model (pre-training crops and masks) and of the best constant
+    (each target's mean over the set): loss_video, const_video, loss_audio, const_audio."""
     dataset = data.PretrainDataset(samples, cfg, sampling_rate=sampling_rate, seed=seed, strict=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     pretrain_model.eval()
@@ -611,6 +545,90 @@ def reconstruction_vs_constant(pretrain_model, samples, cfg, sampling_rate, batc
         result[f"loss_{name}"] = (sums[f"se_{name}"].sum() / (n * dims)).item()
         result[f"const_{name}"] = ((sums[f"sq_{name}"] - sums[f"sum_{name}"] ** 2 / n).sum() / (n * dims)).item()
     return result
+
+
+def seed_statistics(results):
+    """The mean of every figure over the random initialisations, and the sd of the scalar ones."""
+    scalars = [k for k in results[0] if not isinstance(results[0][k], list)]
+    mean = {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}
+    return ({k: float(v) if k in scalars else v.tolist() for k, v in mean.items()},
+            {k: float(np.std([r[k] for r in results])) for k in scalars})
+
+
+def probe_checkpoint(args):
+    """Probe --checkpoint, the same model at random initialisation and no model: print, and write --json."""
+    env = setup(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    state = model_state(ckpt)
+    try:
+        cfg, run = checkpoint_config(ckpt, heads=args.heads)
+    except ValueError as e:
+        raise ValueError(f"{args.checkpoint}: {e}") from None
+    if args.data_path is None:
+        args.data_path, args.test_path = demo_manifests(env)
+    if args.test_path is None:
+        raise ValueError("--probe needs --test_path TEST with --data_path TRAIN")
+    task = data.guess_task(args.data_path)
+    if task == "pretrain":
+        raise ValueError(f"{args.data_path}: the probes need labelled rows (a class index or regression targets)")
+    root_map = data.parse_root_map(args.root_map)
+    train_samples, test_samples = (data.read_manifest(p, root_map, task) for p in (args.data_path, args.test_path))
+    train_y, test_y = (torch.tensor([s.target for s in samples]) for samples in (train_samples, test_samples))
+    num_classes = int(max(train_y.max(), test_y.max())) + 1 if task == "classification" else None
+    loaders = [test_loader(samples, cfg, run["sampling_rate"], args) for samples in (train_samples, test_samples)]
+    quiet = [].append
+    models = [load_weights(HiCMAEClassifier(cfg, run["modality"], 1), state, log=quiet)]
+    for seed in range(args.random_seeds):
+        torch.manual_seed(seed)
+        models.append(HiCMAEClassifier(cfg, run["modality"], 1))
+    models = [m.to(env.device) for m in models]
+    train, test = (extract_features(models, loader, env.device, cfg.inter_layers) for loader in loaders)
+    found = [probe_all(a, b, train_y, test_y, task, num_classes, args, run["modality"])
+             for a, b in zip(train[:-1], test[:-1])]
+    results = dict(pretrained=found[0], **dict(zip(("random", "random_sd"), seed_statistics(found[1:]))),
+                   no_model=probe_all(train[-1], test[-1], train_y, test_y, task, num_classes, args, None))
+    if not run["authors"] and any(k.startswith("video_decoder.") for k in state):  # ours: decoders known
+        model = load_weights(HiCMAE(cfg), state, log=quiet).to(env.device)
+        results["pretrained"].update(reconstruction_vs_constant(
+            model, test_samples, cfg, run["sampling_rate"], args.batch_size, args.num_workers, env.device))
+    results["setting"] = dict(
+        checkpoint=str(args.checkpoint), train=args.data_path, test=args.test_path, train_clips=len(train_samples),
+        test_clips=len(test_samples), task=task, views=f"{args.num_clips} clips x {args.num_crops} crops",
+        random_seeds=args.random_seeds, labels_per_class=args.labels_per_class, knn_k=args.knn_k,
+        inter_layers=list(cfg.inter_layers))
+    print(format_probe(results, task))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+    return results
+
+
+def format_probe(results, task):
+    """The probe table: a row per figure; columns the checkpoint, random initialisation and no model."""
+    pre, rnd, sd, plain, setting = (results[k] for k in ("pretrained", "random", "random_sd", "no_model", "setting"))
+    unit = (lambda v: f"{100 * v:.2f}%") if task == "classification" else (lambda v: f"{v:.4f}")
+    rows = [["", "checkpoint", f"random init ({setting['random_seeds']} seeds)", "no model"]]
+    names = {"linear": "linear probe", "knn": f"k-NN (k {setting['knn_k']})",
+             "few": f"linear probe, {setting['labels_per_class']} labels per class"}
+    for key in pre:
+        modality, _, kind = key.partition("_")
+        if kind in names:
+            rows.append([f"{modality} {names[kind]}", unit(pre[key]), f"{unit(rnd[key])} (sd {unit(sd[key])})",
+                         unit(plain[key]) if key in plain else ""])
+    for key in ("a2v_top1", "a2v_top5", "v2a_top1", "v2a_top5"):
+        for layer, a, b in zip(setting["inter_layers"], pre.get(key, []), rnd.get(key, [])):
+            rows.append([f"retrieval {key.replace('2', '->').replace('_', ' ')} (layer {layer})",
+                         f"{100 * a:.2f}%", f"{100 * b:.2f}%", ""])
+    lines = _table(rows)
+    for m in ("video", "audio"):
+        if f"loss_{m}" in pre:
+            loss, const = pre[f"loss_{m}"], pre[f"const_{m}"]
+            lines.append(f"{m} reconstruction on the test clips: loss {loss:.4f}, constant predictor {const:.4f} "
+                         f"({loss / const - 1:+.1%})")
+    measure = "accuracy" if task == "classification" else "mean CCC"
+    header = (f"frozen features of {setting['checkpoint']}: {setting['train_clips']} train / "
+              f"{setting['test_clips']} test clips, {setting['views']}, test {measure}")
+    return "\n".join([header] + lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -691,99 +709,6 @@ def classify_video(args, model, run, env, names):
     return scores
 
 
-def test_loader(samples, cfg, sampling_rate, args, modality="av"):
-    """The test views of samples (--num_clips x --num_crops, --test_views), batched; one recording is read
-    in this process, so that its error reads as the DataError it is."""
-    dataset = data.FinetuneDataset(samples, cfg, train=False, sampling_rate=sampling_rate, num_clips=args.num_clips,
-                                   num_crops=args.num_crops, test_views=args.test_views or "authors", modality=modality)
-    workers = args.num_workers if len(samples) > 1 else 0
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
-
-
-def probe_checkpoint(args):
-    """Frozen-feature evaluation of a checkpoint against the same model at random initialisation and
-    against no model: print a table, and write every figure to --json."""
-    env = setup(args)
-    ckpt = load_checkpoint(args.checkpoint)
-    state = model_state(ckpt)
-    try:
-        cfg, run = checkpoint_config(ckpt, heads=args.heads)
-    except ValueError as e:
-        raise ValueError(f"{args.checkpoint}: {e}") from None
-    modality, sampling_rate = run["modality"], run["sampling_rate"]
-    if args.data_path is None:
-        args.data_path, args.test_path = demo_manifests(env)
-    if args.test_path is None:
-        raise ValueError("--probe needs --test_path TEST with --data_path TRAIN")
-    task = data.guess_task(args.data_path)
-    if task == "pretrain":
-        raise ValueError(f"{args.data_path}: the probes need labelled rows (a class index or regression targets)")
-    root_map = data.parse_root_map(args.root_map)
-    train_samples, test_samples = (data.read_manifest(p, root_map, task) for p in (args.data_path, args.test_path))
-    train_y, test_y = (torch.tensor([s.target for s in samples]) for samples in (train_samples, test_samples))
-    num_classes = int(max(train_y.max(), test_y.max())) + 1 if task == "classification" else None
-    loaders = [test_loader(samples, cfg, sampling_rate, args) for samples in (train_samples, test_samples)]
-
-    quiet = [].append
-    models = [load_weights(HiCMAEClassifier(cfg, modality, 1), state, log=quiet)]
-    for seed in range(args.random_seeds):  # the same configuration at random initialisation
-        torch.manual_seed(seed)
-        models.append(HiCMAEClassifier(cfg, modality, 1))
-    models = [m.to(env.device) for m in models]
-    train, test = (extract_features(models, loader, env.device, cfg.inter_layers) for loader in loaders)
-    found = [probe_all(a, b, train_y, test_y, task, num_classes, args, modality) for a, b in zip(train[:-1], test[:-1])]
-    randoms = found[1:]
-    results = {"pretrained": found[0],
-               "random": {k: float(np.mean([r[k] for r in randoms], axis=0)) if not isinstance(randoms[0][k], list)
-                          else np.mean([r[k] for r in randoms], axis=0).tolist() for k in randoms[0]},
-               "random_sd": {k: float(np.std([r[k] for r in randoms])) for k in randoms[0]
-                             if not isinstance(randoms[0][k], list)},
-               "no_model": probe_all(train[-1], test[-1], train_y, test_y, task, num_classes, args, None)}
-    if not run["authors"] and any(k.startswith("video_decoder.") for k in state):  # ours: decoders known
-        model = load_weights(HiCMAE(cfg), state, log=quiet).to(env.device)
-        results["pretrained"].update(reconstruction_vs_constant(model, test_samples, cfg, sampling_rate, args.batch_size,
-                                                                args.num_workers, env.device))
-    results["setting"] = dict(checkpoint=str(args.checkpoint), train=args.data_path, test=args.test_path,
-                              train_clips=len(train_samples), test_clips=len(test_samples), task=task,
-                              views=f"{args.num_clips} clips x {args.num_crops} crops", random_seeds=args.random_seeds,
-                              labels_per_class=args.labels_per_class, knn_k=args.knn_k, inter_layers=list(cfg.inter_layers))
-    print(format_probe(results, task))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-        print(f"wrote {args.json}")
-    return results
-
-
-def format_probe(results, task):
-    """The probe table: one row per figure, a column each for the checkpoint, random initialisation
-    (mean and sd over its seeds) and no model."""
-    pre, rnd, sd, plain = results["pretrained"], results["random"], results["random_sd"], results["no_model"]
-    unit = (lambda v: f"{100 * v:.2f}%") if task == "classification" else (lambda v: f"{v:.4f}")
-    setting = results["setting"]
-    rows = [["", "checkpoint", f"random init ({setting['random_seeds']} seeds)", "no model"]]
-    names = {"linear": "linear probe", "knn": f"k-NN (k {setting['knn_k']})",
-             "few": f"linear probe, {setting['labels_per_class']} labels per class"}
-    for key in pre:
-        modality, _, kind = key.partition("_")
-        if kind in names:
-            rows.append([f"{modality} {names[kind]}", unit(pre[key]), f"{unit(rnd[key])} (sd {unit(sd[key])})",
-                         unit(plain[key]) if key in plain else ""])
-    for key in ("a2v_top1", "a2v_top5", "v2a_top1", "v2a_top5"):
-        if key in pre:
-            for layer, a, b in zip(setting["inter_layers"], pre[key], rnd[key]):
-                rows.append([f"retrieval {key.replace('2', '->').replace('_', ' ')} (layer {layer})",
-                             f"{100 * a:.2f}%", f"{100 * b:.2f}%", ""])
-    lines = _table(rows)
-    for m in ("video", "audio"):
-        if f"loss_{m}" in pre:
-            loss, const = pre[f"loss_{m}"], pre[f"const_{m}"]
-            lines.append(f"{m} reconstruction on the test clips: loss {loss:.4f}, constant predictor {const:.4f} "
-                         f"({loss / const - 1:+.1%})")
-    header = (f"frozen features of {setting['checkpoint']}: {setting['train_clips']} train / {setting['test_clips']} test "
-              f"clips, {setting['views']}, test {'accuracy' if task == 'classification' else 'mean CCC'}")
-    return "\n".join([header] + lines)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -792,8 +717,9 @@ def build_parser():
     source.add_argument("--predictions", metavar="FILE.csv", help="recompute the metrics of a predictions file")
     parser.add_argument("--data_path", metavar="TEST", help="the test manifest (with --probe: the training manifest)")
     parser.add_argument("--probe", action="store_true",
-                        help="frozen-feature evaluation of --checkpoint (pre-training or fine-tuning): linear and k-NN "
-                             "probes, retrieval, reconstruction, against random initialisation (default data: the demo)")
+                        help="frozen-feature evaluation of --checkpoint (pre-training or fine-tuning): linear and "
+                             "k-NN probes, retrieval, reconstruction, against random initialisation (default data: "
+                             "the demo)")
     parser.add_argument("--test_path", metavar="TEST", help="with --probe: the test manifest")
     parser.add_argument("--json", metavar="OUT.json", help="with --probe: write every figure to this file")
     parser.add_argument("--labels_per_class", type=int, default=8,
@@ -805,7 +731,8 @@ def build_parser():
     parser.add_argument("--video", help="one video file or frame folder to classify (face crops: it does not crop)")
     parser.add_argument("--audio", help="its audio file (default: the video file's audio; a video model reads none, "
                                         "an audio model needs only this)")
-    parser.add_argument("--class_names", nargs="+", help="names of the classes, in index order (default: the checkpoint's)")
+    parser.add_argument("--class_names", nargs="+",
+                        help="names of the classes, in index order (default: the checkpoint's)")
     parser.add_argument("--top_k", type=int, default=5, help="classes printed for --video")
     parser.add_argument("--features", metavar="OUT.npy", help="save the features the head sees, one row per video")
     parser.add_argument("--output_dir", help="where to write predictions.csv and confusion.png (default: "
@@ -842,7 +769,7 @@ def main(argv=None):
             return 0
         env = setup(args)
         model, run = load_finetuned(args.checkpoint, env.device, heads=args.heads)
-        if env.device.type == "cuda":  # on CPU only an explicit --dtype (CPU runs used to record bf16 and run fp32)
+        if env.device.type == "cuda":  # the run's dtype; on CPU only an explicit --dtype
             args.dtype = args.dtype or run.get("dtype")
         args.num_clips = args.num_clips or run.get("num_clips", 2)
         args.num_crops = args.num_crops or run.get("num_crops", 2)

@@ -1,22 +1,11 @@
-"""HiCMAE: Hierarchical Contrastive Masked Autoencoder for audio-visual emotion recognition.
-
-One file, in the order of the paper (Sun et al., Information Fusion 2024):
-  0. configuration and the T/S/B sizes
-  1. building blocks: sinusoidal positions, attention (Eq. 2, 4), Transformer layers (Eq. 1, 5-7)
-  2. modality-specific encoders (Sec. 3.1.1) and the cross-modal fusion encoder (Sec. 3.1.2, Eq. 5-6)
-  3. decoders with hierarchical skip connections (Sec. 3.1.3, Eq. 7)
-  4. the pre-training model, its targets and losses (Eq. 8-11)
-  5. the fine-tuning model with hierarchical feature fusion (Sec. 3.4, Eq. 12)
-  6. optimiser groups, size and cost accounting
-  7. loading checkpoints, ours and the authors' released ones
-
-`python model.py` prints the parameters and multiply-accumulates of every size.
-"""
+"""HiCMAE (Sun et al., Information Fusion 2024), in the paper's order: configuration, building blocks,
+encoders (Sec. 3.1.1-3.1.2), decoders (Sec. 3.1.3), pre-training losses (Eq. 8-11), fine-tuning model
+(Eq. 12), optimiser groups and costs, checkpoints. `python model.py` prints the size of every model."""
 
 import argparse
 import pickle
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -91,13 +80,8 @@ class HiCMAEConfig:
     @property
     def num_visible(self):  # visible tokens per modality during pre-training (Sec. 3.1.1: masking)
         t, s = self.video_grid
-        return t * (s - int(self.video_mask_ratio * s)), self.num_audio_tokens - int(self.audio_mask_ratio * self.num_audio_tokens)
-
-    @classmethod
-    def from_dict(cls, d):
-        """Build from a saved dict, ignoring keys this version does not know."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        n = self.num_audio_tokens
+        return t * (s - int(self.video_mask_ratio * s)), n - int(self.audio_mask_ratio * n)
 
 
 SIZES = {  # HiCMAE-T / S / B (paper Sec. 4.1); the authors publish no decoder for T, 128/2 is ours
@@ -130,16 +114,14 @@ def gather_tokens(x, ids):
 
 
 def split_mask(mask, num_visible):
-    """Boolean mask (B, N), True = masked, num_visible False per row -> (visible ids, masked ids), each in
-    increasing token order. The count comes from the configuration: read from the mask, it would be a host
-    sync and a graph break under torch.compile (check_masks checks the masks on the host, once per batch)."""
+    """Mask (B, N), True = masked -> (visible ids, masked ids) in token order. num_visible comes from the
+    configuration: reading it from the mask would be a host sync (check_masks checks on the host)."""
     ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
     return ids[:, :num_visible], ids[:, num_visible:]
 
 
 def check_masks(cfg, video_mask, audio_mask):
-    """Raise unless every clip's masks leave the configured numbers of tokens visible (cfg.num_visible).
-    Meant for the loader's host tensors, where it is free; the model itself trusts the configuration."""
+    """Raise unless every clip's masks leave cfg.num_visible tokens visible (for the loader's host tensors)."""
     for name, mask, tokens, visible in (("video_mask", video_mask, cfg.num_video_tokens, cfg.num_visible[0]),
                                         ("audio_mask", audio_mask, cfg.num_audio_tokens, cfg.num_visible[1])):
         if mask.dim() != 2 or mask.shape[1] != tokens:
@@ -151,50 +133,40 @@ def check_masks(cfg, video_mask, audio_mask):
 
 
 def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    """Stochastic depth: drop a sample's residual branch with probability p."""
     if p == 0.0 or not training:
         return x
     keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
     return x * keep / (1 - p)
 
 
-class SelfAttention(nn.Module):
-    """MHSA (Eq. 2). One qkv projection; q and v carry a bias, k none (a k-bias cannot change softmax)."""
+class Attention(nn.Module):
+    """MHSA (Eq. 2), or with cross=True MHCA (Eq. 4): queries from x, keys and values from ctx.
+    q and v carry a bias, k none (a k-bias cannot change the softmax)."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, cross=False):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if cross:
+            self.q = nn.Linear(dim, dim, bias=False)
+            self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, ctx=None):
         B, N, C = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        zeros = torch.zeros_like(self.v_bias)
+        if ctx is None:
+            qkv = F.linear(x, self.qkv.weight, torch.cat([self.q_bias, zeros, self.v_bias]))
+            q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        else:
+            q = F.linear(x, self.q.weight, self.q_bias).view(B, N, self.heads, C // self.heads).transpose(1, 2)
+            kv = F.linear(ctx, self.kv.weight, torch.cat([zeros, self.v_bias]))
+            k, v = kv.view(B, ctx.shape[1], 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C/H)) v
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
-class CrossAttention(nn.Module):
-    """MHCA (Eq. 4): queries from the target tokens, keys and values from the source tokens."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, ctx):
-        (B, N, C), M = x.shape, ctx.shape[1]
-        q = F.linear(x, self.q.weight, self.q_bias).view(B, N, self.heads, C // self.heads).transpose(1, 2)
-        kv_bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
-        k, v = F.linear(ctx, self.kv.weight, kv_bias).view(B, M, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -221,7 +193,7 @@ class Block(nn.Module):
         super().__init__()
         self.drop_path = drop_path
         self.norm1 = layer_norm(dim)
-        self.attn = SelfAttention(dim, heads)
+        self.attn = Attention(dim, heads)
         self.norm2 = layer_norm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
@@ -237,7 +209,7 @@ class CrossBlock(Block):
         super().__init__(dim, heads, mlp_ratio, drop_path)
         self.norm_q = layer_norm(dim)
         self.norm_ctx = layer_norm(dim)
-        self.cross_attn = CrossAttention(dim, heads)
+        self.cross_attn = Attention(dim, heads, cross=True)
 
     def forward(self, x, ctx):
         x = x + drop_path(self.cross_attn(self.norm_q(x), self.norm_ctx(ctx)), self.drop_path, self.training)
@@ -252,11 +224,7 @@ def drop_path_rates(rate, depth):
 # 2. Encoders
 
 class Encoder(nn.Module):
-    """Modality-specific encoder (Sec. 3.1.1): patch embedding, fixed sinusoidal positions, Ns layers, LN.
-
-    Video: Conv3d with kernel = stride = (tubelet, patch, patch), tokens in (t, row, column) order.
-    Audio: Conv2d with kernel = stride = patch over the (time, frequency) log-Mel, tokens in (time, freq) order.
-    """
+    """Modality-specific encoder (Sec. 3.1.1): patch embedding, sinusoidal positions, Ns layers, LN."""
 
     def __init__(self, cfg, modality):
         super().__init__()
@@ -273,7 +241,7 @@ class Encoder(nn.Module):
         self.norm = layer_norm(cfg.dim)
 
     def forward(self, x, visible_ids=None, return_layers=()):
-        """Returns norm(output) and norm(output of block j) for j in return_layers (0-based)."""
+        """norm(output) and norm(output of block j) for j in return_layers (0-based)."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         if visible_ids is not None:  # pre-training: only the visible tokens, in their original order
             x = gather_tokens(x, visible_ids)
@@ -317,8 +285,8 @@ class FusionEncoder(nn.Module):
 # 3. Decoders with hierarchical skip connections
 
 class Decoder(nn.Module):
-    """Lightweight decoder (Sec. 3.1.3). Layer 1 is a Block; layers 2..Nd are CrossBlocks attending to
-    selected encoder layers, deepest first (U-Net order, as the released weights were trained, Eq. 7)."""
+    """Decoder (Sec. 3.1.3, Eq. 7): a Block, then CrossBlocks attending to the selected encoder layers,
+    deepest first (U-Net order, as the released weights were trained)."""
 
     def __init__(self, cfg, num_tokens, out_dim):
         super().__init__()
@@ -348,8 +316,7 @@ class Decoder(nn.Module):
 # 4. Pre-training model, targets and losses
 
 class HiCMAE(nn.Module):
-    """The pre-training model. forward(video, audio, video_mask, audio_mask) with masks True = masked,
-    each leaving cfg.num_visible tokens visible per clip (not checked here: see check_masks)."""
+    """The pre-training model; masks True = masked, leaving cfg.num_visible tokens (see check_masks)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -366,8 +333,7 @@ class HiCMAE(nn.Module):
         cfg = self.cfg
         v_visible, v_masked = split_mask(video_mask, cfg.num_visible[0])
         a_visible, a_masked = split_mask(audio_mask, cfg.num_visible[1])
-        needs_layers = cfg.skip_connections or cfg.hcmcl_weight > 0
-        layers = cfg.inter_layers if needs_layers else ()
+        layers = cfg.inter_layers if cfg.skip_connections or cfg.hcmcl_weight > 0 else ()
         v, v_layers = self.video_encoder(video, v_visible, layers)
         a, a_layers = self.audio_encoder(audio, a_visible, layers)
         # HCMCL embeddings (Eq. 9): mean over visible tokens of each selected layer, L2-normalised
@@ -440,9 +406,7 @@ def reconstruction_targets(video, audio, video_mask, audio_mask, cfg):
 
 
 class GatherBatch(torch.autograd.Function):
-    """All ranks' (L, B, C) embeddings concatenated along the batch; the backward sums every rank's
-    gradient and keeps this rank's slice. (torch.distributed.nn's all_gather, tried first, gave wrong
-    gradients for two gathers in one loss on the gloo backend.)"""
+    """All ranks' (L, B, C) along the batch; the backward sums all ranks' gradients, keeps this rank's slice."""
 
     @staticmethod
     def forward(ctx, x):
@@ -458,11 +422,8 @@ class GatherBatch(torch.autograd.Function):
 
 
 def hcmcl_loss(video_emb, audio_emb, temperature, gather=False):
-    """HCMCL (Eq. 9-10): symmetric InfoNCE per selected layer, summed over layers.
-
-    video_emb, audio_emb: (L, B, C), L2-normalised. With gather=True the negatives come from every
-    rank; otherwise from the local batch, as the authors.
-    Returns the loss and the retrieval accuracy of each layer (L,)."""
+    """HCMCL (Eq. 9-10): symmetric InfoNCE per selected layer (L, B, C), summed; negatives from the local
+    batch as the authors, or from every rank (gather). Returns the loss and each layer's accuracy (L,)."""
     B = video_emb.shape[1]
     labels = torch.arange(B, device=video_emb.device)
     audio_all, video_all = audio_emb, video_emb
@@ -474,15 +435,17 @@ def hcmcl_loss(video_emb, audio_emb, temperature, gather=False):
     loss = sum(0.5 * (F.cross_entropy(lv, labels) + F.cross_entropy(la, labels))
                for lv, la in zip(logits_v, logits_a))
     with torch.no_grad():
-        acc = 0.5 * ((logits_v.argmax(-1) == labels).float().mean(-1) + (logits_a.argmax(-1) == labels).float().mean(-1))
+        hits_v = (logits_v.argmax(-1) == labels).float().mean(-1)
+        acc = 0.5 * (hits_v + (logits_a.argmax(-1) == labels).float().mean(-1))
     return loss, acc
 
 
 def pretrain_loss(out, video, audio, video_mask, audio_mask, cfg, gather=False):
-    """L = MSE_video + MSE_audio + lambda * HCMCL (Eq. 8, 11). Returns a dict of the parts.
-    Computed in float32 under autocast too: in bf16 a logit near 1 / 0.07 = 14.3 could only move in steps of 1/16."""
+    """L = MSE_video + MSE_audio + lambda * HCMCL (Eq. 8, 11) and its parts, in float32 (bf16 logits near
+    1 / 0.07 = 14.3 move in steps of 1/16)."""
     with torch.autocast(video.device.type, enabled=False):
-        video_target, audio_target = reconstruction_targets(video.float(), audio.float(), video_mask, audio_mask, cfg)
+        video_target, audio_target = reconstruction_targets(video.float(), audio.float(), video_mask, audio_mask,
+                                                            cfg)
         loss_video = F.mse_loss(out["video_pred"].float(), video_target)
         loss_audio = F.mse_loss(out["audio_pred"].float(), audio_target)
         loss = loss_video + loss_audio
@@ -498,10 +461,8 @@ def pretrain_loss(out, video, audio, video_mask, audio_mask, cfg, gather=False):
 # 5. Fine-tuning model with hierarchical feature fusion
 
 class HiCMAEClassifier(nn.Module):
-    """Encoders without masking, hierarchical feature fusion (Eq. 12), LayerNorm, linear head.
-
-    modality: "av" (feature [video, audio, fused video, fused audio], 4C), "audio" or "video" (C).
-    num_outputs: K classes or D regression targets."""
+    """Encoders without masking, hierarchical feature fusion (Eq. 12), LayerNorm, linear head: modality "av"
+    (feature FEATURE_PARTS, 4C), "audio" or "video" (C); num_outputs K classes or D regression targets."""
 
     def __init__(self, cfg, modality="av", num_outputs=6):
         super().__init__()
@@ -510,19 +471,17 @@ class HiCMAEClassifier(nn.Module):
         self.video_encoder = Encoder(cfg, "video") if modality in ("av", "video") else None
         self.audio_encoder = Encoder(cfg, "audio") if modality in ("av", "audio") else None
         self.fusion = FusionEncoder(cfg) if modality == "av" and cfg.fusion_depth > 0 else None
-        if cfg.hierarchical_fusion:  # learnable layer weights, softmax-normalised, start uniform
-            if self.video_encoder is not None:
-                self.video_layer_weights = nn.Parameter(torch.full((cfg.depth,), 1.0 / cfg.depth))
-            if self.audio_encoder is not None:
-                self.audio_layer_weights = nn.Parameter(torch.full((cfg.depth,), 1.0 / cfg.depth))
+        for m in ("video", "audio") if cfg.hierarchical_fusion else ():  # layer weights (Eq. 12), start uniform
+            if getattr(self, f"{m}_encoder") is not None:
+                setattr(self, f"{m}_layer_weights", nn.Parameter(torch.full((cfg.depth,), 1.0 / cfg.depth)))
         num_features = cfg.dim * (2 if modality == "av" else 1) * (2 if self.fusion is not None else 1)
         self.fc_norm = layer_norm(num_features)
         self.head = nn.Linear(num_features, num_outputs)
         init_weights(self)
 
     def unimodal(self, encoder, x, layer_weights):
-        """Normed last-layer tokens, the unimodal feature sum_j softmax(w)_j mean(E_j) (Eq. 12; the last
-        layer's mean without hierarchical fusion), and every block's mean normed output (B, Ns, C)."""
+        """Normed last tokens, the feature sum_j softmax(w)_j mean(E_j) (Eq. 12; without layer weights the last
+        layer's mean) and every block's pooled output (B, Ns, C)."""
         last, layers = encoder(x, return_layers=range(len(encoder.blocks)))
         pooled = torch.stack([f.mean(1) for f in layers], dim=1)
         if layer_weights is None:
@@ -530,17 +489,16 @@ class HiCMAEClassifier(nn.Module):
         return last, (pooled * layer_weights.softmax(0)[None, :, None]).sum(1), pooled
 
     def forward_parts(self, video=None, audio=None):
-        """The parts of the feature by name, in FEATURE_PARTS order, and each encoder's pooled layers
-        ("video_layers", "audio_layers": (B, Ns, C)), which the frozen-feature probes read."""
-        parts = {}
-        if self.video_encoder is not None:
-            v, parts["video"], parts["video_layers"] = self.unimodal(
-                self.video_encoder, video, getattr(self, "video_layer_weights", None))
-        if self.audio_encoder is not None:
-            a, parts["audio"], parts["audio_layers"] = self.unimodal(
-                self.audio_encoder, audio, getattr(self, "audio_layer_weights", None))
+        """The feature's parts by name (FEATURE_PARTS) and each encoder's pooled layers ("video_layers",
+        "audio_layers", (B, Ns, C)), which the frozen-feature probes read."""
+        parts, tokens = {}, {}
+        for m, x in (("video", video), ("audio", audio)):
+            encoder = getattr(self, f"{m}_encoder")
+            if encoder is not None:
+                weights = getattr(self, f"{m}_layer_weights", None)
+                tokens[m], parts[m], parts[f"{m}_layers"] = self.unimodal(encoder, x, weights)
         if self.fusion is not None:
-            v, a = self.fusion(v, a)
+            v, a = self.fusion(tokens["video"], tokens["audio"])
             parts["fused_video"], parts["fused_audio"] = v.mean(1), a.mean(1)
         return parts
 
@@ -555,8 +513,7 @@ class HiCMAEClassifier(nn.Module):
         return self.cfg.depth + (self.cfg.fusion_depth if self.fusion is not None else 0) + 2
 
     def layer_id(self, name):
-        """Layer index for layer-wise learning-rate decay: 0 patch embeddings, j+1 encoder block j,
-        Ns+j+1 fusion layer j, num_layers()-1 everything else (norms, layer weights, fc_norm, head)."""
+        """Layer for lr decay: 0 patch embeddings, j+1 encoder block j, Ns+j+1 fusion layer j, then the rest."""
         if ".patch_embed." in name:
             return 0
         m = re.match(r"(video|audio)_encoder\.blocks\.(\d+)\.", name)
@@ -584,8 +541,7 @@ def init_weights(model):
 # 6. Optimiser groups, sizes and costs
 
 def param_groups(model, weight_decay, layer_decay=1.0):
-    """AdamW groups: weight decay on matrices only (not on biases, norms, mask tokens, layer weights);
-    with layer_decay < 1 (fine-tuning) each group carries lr_scale = layer_decay^(L-1-layer_id)."""
+    """AdamW groups: decay on matrices but mask tokens; lr_scale = layer_decay^(L-1-layer_id) (fine-tuning)."""
     groups = {}
     num_layers = model.num_layers() if layer_decay != 1.0 else 1
     for name, p in model.named_parameters():
@@ -619,9 +575,7 @@ def _cross_block_macs(n, m, c, mlp_ratio):  # a Block plus q, kv, proj and atten
 
 
 def count_macs(cfg, model="av", num_outputs=6):
-    """Multiply-accumulates for one clip (matrix products and convolutions; norms and softmax are not counted).
-
-    model: "av", "audio", "video" (fine-tuning) or "pretrain" (with the configured mask ratios)."""
+    """MACs of matrix products and convolutions per clip; model "av", "audio", "video" or "pretrain"."""
     c, p, r = cfg.dim, cfg.patch_size, cfg.mlp_ratio
     nv, na = cfg.num_video_tokens, cfg.num_audio_tokens
     embed_v, embed_a = nv * 3 * cfg.tubelet_size * p * p * c, na * p * p * c  # every token, before masking
@@ -648,14 +602,14 @@ def count_macs(cfg, model="av", num_outputs=6):
 
 
 def size_table():
-    """One line per size and model: parameters (M) and MACs per clip (G), as in the paper's tables.
-    The audio and video rows count the encoder alone (what the paper reports for unimodal models);
-    A+V is the fine-tuning model with a 6-class head."""
+    """Parameters (M) and MACs per clip (G) of every size as the paper's tables (unimodal: the encoder)."""
     lines = [f"{'size':6} {'model':14} {'params (M)':>11} {'MACs (G)':>9}"]
     for size in SIZES:
         cfg = make_config(size)
-        rows = [("audio encoder", Encoder(cfg, "audio"), "audio"), ("video encoder", Encoder(cfg, "video"), "video"),
-                ("A+V, 6 classes", HiCMAEClassifier(cfg, "av", 6), "av"), ("pre-training", HiCMAE(cfg), "pretrain")]
+        rows = [("audio encoder", Encoder(cfg, "audio"), "audio"),
+                ("video encoder", Encoder(cfg, "video"), "video"),
+                ("A+V, 6 classes", HiCMAEClassifier(cfg, "av", 6), "av"),
+                ("pre-training", HiCMAE(cfg), "pretrain")]
         for name, m, kind in rows:
             lines.append(f"{size:6} {name:14} {count_params(m) / 1e6:11.2f} {count_macs(cfg, kind, 0) / 1e9:9.1f}")
     return "\n".join(lines)
@@ -684,10 +638,6 @@ OFFICIAL_MODULES = [
 OFFICIAL_INNER = [(".cross_norm1.", ".norm_q."), (".cross_norm2.", ".norm_ctx.")]
 
 
-def is_official(state_dict):
-    return any(k.startswith(("encoder.", "encoder_audio.")) for k in state_dict)
-
-
 def convert_official(state_dict):
     """Rename the keys of an authors' state_dict (pre-training or fine-tuning) to ours."""
     out = {}
@@ -710,7 +660,7 @@ def load_checkpoint(path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except pickle.UnpicklingError as e:  # weights_only refuses anything else before it is constructed
+    except pickle.UnpicklingError as e:  # weights_only refuses other objects before building them
         raise ValueError(f"{path}: refused to load: the file holds objects other than tensors and plain "
                          f"containers ({e})") from None
     except Exception as e:  # a truncated or damaged zip archive, or no PyTorch file at all
@@ -728,18 +678,9 @@ def model_state(checkpoint):
 
 
 def authors_config(namespace, state_dict, **overrides):
-    """(HiCMAEConfig, modality, num_outputs) of a model saved by the authors' scripts: fine-tuned
-    (checkpoint-best.pth) or pre-trained (checkpoint-99.pth, num_outputs None).
-
-    From their saved arguments: input_size, input_size_audio, num_mel_bins, the depth (fine-tuning:
-    depth and depth_audio, which must be equal; pre-training: encoder_depth, encoder_depth_audio), the
-    fusion depth (fusion_depth; encoder_fusion_depth), the frames (num_frames; pre-training: window_size
-    times the tubelet), the selected layers (pre-training: return_intermediate_features); from the
-    weights' shapes: the width, patch and tubelet sizes, the modalities, the hierarchical layer weights
-    and the number of outputs. The number of heads is not in the file: the authors' model names give it
-    by width (SIZES: 256 -> 4, 384 -> 6, 512 -> 8). `overrides` (e.g. heads=4; None values are
-    ignored) win over all of these.
-    """
+    """(HiCMAEConfig, modality, num_outputs) of an authors' fine-tuned (checkpoint-best.pth) or pre-trained
+    (checkpoint-99.pth, num_outputs None) model, from their saved arguments and the weights' shapes. The heads
+    are not saved: their model names give them by width (SIZES). `overrides` (None ignored) win."""
     args = vars(namespace)
 
     def saved(*names, default=None):  # the first of their argument names that holds a value
@@ -779,10 +720,8 @@ def authors_config(namespace, state_dict, **overrides):
 
 
 def checkpoint_config(checkpoint, **overrides):
-    """(HiCMAEConfig, run) of a loaded checkpoint: ours (pretrain.py, finetune.py) or one of the authors'.
-    run holds what testing it needs: authors (bool), modality, num_outputs (None: no head, a pre-training
-    checkpoint), sampling_rate, and for the authors' task, num_clips and num_crops from their flags; for
-    ours, every argument of the run that saved it. `overrides` (e.g. heads=4) go to authors_config."""
+    """(HiCMAEConfig, run) of a checkpoint, ours or the authors'. run: authors, modality, num_outputs (None: a
+    pre-training checkpoint), sampling_rate, task, and the test views or, for ours, every saved argument."""
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if isinstance(saved, argparse.Namespace):
         cfg, modality, num_outputs = authors_config(saved, model_state(checkpoint), **overrides)
@@ -790,10 +729,11 @@ def checkpoint_config(checkpoint, **overrides):
         return cfg, dict(authors=True, modality=modality, num_outputs=num_outputs,
                          task="regression" if hasattr(saved, "loss") else "classification",
                          sampling_rate=getattr(saved, "sampling_rate", None) or 4,
-                         num_clips=getattr(saved, "test_num_segment", 2), num_crops=getattr(saved, "test_num_crop", 2))
+                         num_clips=getattr(saved, "test_num_segment", 2),
+                         num_crops=getattr(saved, "test_num_crop", 2))
     if isinstance(saved, dict) and "model_config" in checkpoint:
         run = dict(dict(modality="av", num_outputs=None, sampling_rate=4), **saved, authors=False)
-        return HiCMAEConfig.from_dict(checkpoint["model_config"]), run
+        return HiCMAEConfig(**checkpoint["model_config"]), run
     raise ValueError("neither a checkpoint of pretrain.py or finetune.py nor one of the authors'")
 
 
@@ -808,12 +748,9 @@ def _unused_parts(model):
 
 
 def load_weights(model, state_dict, log=print):
-    """Load our or the authors' weights into HiCMAE or HiCMAEClassifier.
-
-    Pre-training weights into a classifier drop the decoders (and the unused modality for A or V).
-    A classification head of another size is re-initialised with a message; any other shape
-    mismatch, or a weight with no place in the model, is an error naming the key."""
-    if is_official(state_dict):
+    """Load our or the authors' weights into HiCMAE or HiCMAEClassifier, leaving out what it does not build.
+    A head of another size stays fresh (with a message); any other mismatch is an error naming the key."""
+    if any(k.startswith(("encoder.", "encoder_audio.")) for k in state_dict):  # the authors' names
         state_dict = convert_official(state_dict)
     own = model.state_dict()
     unused = _unused_parts(model)
@@ -828,7 +765,8 @@ def load_weights(model, state_dict, log=print):
                 log(f"note: '{key}' is {tuple(value.shape)} in the checkpoint and {tuple(own[key].shape)} here: "
                     "keeping the new, freshly initialised head")
                 continue
-            raise ValueError(f"shape mismatch for '{key}': checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}")
+            raise ValueError(f"shape mismatch for '{key}': checkpoint {tuple(value.shape)}, "
+                             f"model {tuple(own[key].shape)}")
         load[key] = value
     missing = [k for k in own if k not in load]
     fresh = ("head.", "fc_norm.", "video_layer_weights", "audio_layer_weights")
@@ -837,7 +775,8 @@ def load_weights(model, state_dict, log=print):
         raise KeyError(f"{len(unexpected)} weights of the model are not in the checkpoint, e.g. {unexpected[:5]}")
     model.load_state_dict(load, strict=False)
     if missing:
-        log(f"note: initialised fresh (not in the checkpoint): {', '.join(sorted(set(k.split('.')[0] for k in missing)))}")
+        fresh_parts = sorted(set(k.split(".")[0] for k in missing))
+        log(f"note: initialised fresh (not in the checkpoint): {', '.join(fresh_parts)}")
     return model
 
 
