@@ -9,6 +9,8 @@ frozen-feature probes (the README tells more).
   python evaluate.py --probe --checkpoint C [--data_path TRAIN --test_path TEST] [--json OUT.json]
                                                             frozen features of any checkpoint against random
                                                             initialisation and no model (default: the demo data)
+  python evaluate.py --summarize RUN_DIR ... [--json OUT.json]
+                                                            every fold's metrics, their mean and sample sd
 Add --features OUT.npy to a checkpoint form to save the features the head sees, one row per video.
 """
 
@@ -17,6 +19,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -632,7 +635,95 @@ def format_probe(results, task):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Command line
+# 6. Summary over the folds of a cross-validation: `python evaluate.py --summarize RUN_DIR ...`
+
+SUMMARY_FILES = {"best": "predictions-best.csv", "last": "predictions-last.csv"}  # what finetune.py writes
+SUMMARY_REGRESSION_KEYS = ("pcc", "ccc", "per_dim_pcc", "per_dim_ccc")
+
+
+def summary_files(run_dir):
+    """{"best": path, "last": path} of a run folder of finetune.py; a folder of evaluate.py --checkpoint
+    (predictions.csv) gives its one file for both."""
+    paths = {kind: os.path.join(run_dir, name) for kind, name in SUMMARY_FILES.items()}
+    single = os.path.join(run_dir, "predictions.csv")
+    if not any(os.path.exists(p) for p in paths.values()) and os.path.exists(single):
+        return {kind: single for kind in paths}
+    for path in paths.values():
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file (a run folder of finetune.py holds predictions-best.csv and "
+                             "predictions-last.csv; one of evaluate.py --checkpoint, predictions.csv)")
+    return paths
+
+
+def _spread(values, statistic):
+    """statistic over the folds of a metric: its values, or per dimension for a list per fold."""
+    if isinstance(values[0], list):
+        return [statistic(list(column)) for column in zip(*values)]
+    return statistic(values)
+
+
+def summarize(run_dirs):
+    """{"best": {"folds": {run_dir: metrics}, "mean": ..., "sd": ...}, "last": ...}, the scalar metrics
+    (fractions) of each folder's predictions files, their mean and sample sd (n - 1; None for one fold);
+    also the task and the dimension names."""
+    files = {run_dir: summary_files(run_dir) for run_dir in run_dirs}
+    summary, tasks = {}, {}
+    for kind in SUMMARY_FILES:
+        folds = {}
+        for run_dir, paths in files.items():
+            _, targets, scores, task, names = read_predictions(paths[kind])
+            tasks.setdefault((task, tuple(names) if task == "regression" else None), paths[kind])
+            if len(tasks) > 1:
+                raise ValueError(f"{' and '.join(tasks.values())}: different tasks (or regression dimensions)")
+            metrics = compute_metrics(scores, targets, task, names)
+            keys = CLASSIFICATION_KEYS if task == "classification" else SUMMARY_REGRESSION_KEYS
+            folds[run_dir] = {key: metrics[key] for key in keys}
+        columns = {key: [m[key] for m in folds.values()] for key in keys}
+        sd = statistics.stdev if len(folds) > 1 else (lambda v: None)
+        summary[kind] = {"folds": folds, "mean": {k: _spread(v, statistics.mean) for k, v in columns.items()},
+                         "sd": {k: _spread(v, sd) for k, v in columns.items()}}
+    task, names = next(iter(tasks))
+    return summary, task, names
+
+
+def _summary_cells(metrics, task):
+    """The values of one row of the summary table, in its columns' order."""
+    if task == "classification":
+        return [metrics[key] for key in CLASSIFICATION_KEYS]
+    return [v for key in ("pcc", "ccc") for v in metrics[f"per_dim_{key}"] + [metrics[key]]]
+
+
+def format_summary(summary, task, names):
+    """A table per kind (best, last): a row per fold, the mean and the sd; classification in percent
+    with 2 decimals, regression with 4, as format_metrics."""
+    if task == "classification":
+        header = [CLASSIFICATION_LABELS[key] for key in CLASSIFICATION_KEYS]
+    else:
+        header = [f"{key.upper()} {name}" for key in ("pcc", "ccc") for name in list(names) + ["mean"]]
+    unit = (lambda v: f"{100 * v:.2f}%") if task == "classification" else (lambda v: f"{v:.4f}")
+    lines = []
+    for kind, file_name in SUMMARY_FILES.items():
+        rows = [[f"{kind} ({file_name})"] + header]
+        named = list(summary[kind]["folds"].items()) + [(stat, summary[kind][stat]) for stat in ("mean", "sd")]
+        rows += [[name] + ["" if v is None else unit(v) for v in _summary_cells(m, task)] for name, m in named]
+        lines += _table(rows) + [""]
+    return "\n".join(lines[:-1])
+
+
+def summarize_runs(run_dirs, json_path=None):
+    """Print the summary tables of run folders, and write the summary to json_path."""
+    summary, task, names = summarize(run_dirs)
+    count = len(summary["best"]["folds"])
+    print(f"{count} fold{'s' if count > 1 else ''}, {task}; mean and sample sd over the folds (none for one fold)")
+    print(format_summary(summary, task, names))
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary, indent=1))
+        print(f"wrote {json_path}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Command line
 
 def saved(path, write, what):
     """write(path), then print where it went, saying so when it replaced an earlier file."""
@@ -715,13 +806,18 @@ def build_parser():
     source.add_argument("--checkpoint", help="a checkpoint of finetune.py (best.pth, last.pth) or an authors' "
                                              "fine-tuned one (checkpoint-best.pth)")
     source.add_argument("--predictions", metavar="FILE.csv", help="recompute the metrics of a predictions file")
+    source.add_argument("--summarize", nargs="+", metavar="RUN_DIR",
+                        help="the metrics of the folds of a cross-validation, their mean and sample sd: each "
+                             "RUN_DIR's predictions-best.csv and predictions-last.csv (finetune.py's output_dir), "
+                             "or its predictions.csv for both (evaluate.py --checkpoint's output_dir)")
     parser.add_argument("--data_path", metavar="TEST", help="the test manifest (with --probe: the training manifest)")
     parser.add_argument("--probe", action="store_true",
                         help="frozen-feature evaluation of --checkpoint (pre-training or fine-tuning): linear and "
                              "k-NN probes, retrieval, reconstruction, against random initialisation (default data: "
                              "the demo)")
     parser.add_argument("--test_path", metavar="TEST", help="with --probe: the test manifest")
-    parser.add_argument("--json", metavar="OUT.json", help="with --probe: write every figure to this file")
+    parser.add_argument("--json", metavar="OUT.json",
+                        help="with --probe or --summarize: write every figure to this file")
     parser.add_argument("--labels_per_class", type=int, default=8,
                         help="with --probe: also probe with this many training clips per class (0: off)")
     parser.add_argument("--subsets", type=int, default=5, help="with --probe: few-label subsets averaged")
@@ -762,6 +858,9 @@ def main(argv=None):
     try:
         if args.predictions:
             report_predictions(args.predictions, args.output_dir)
+            return 0
+        if args.summarize:
+            summarize_runs(args.summarize, args.json)
             return 0
         if args.probe:
             args.num_clips, args.num_crops, args.dtype = args.num_clips or 2, args.num_crops or 2, args.dtype or "fp32"

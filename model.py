@@ -58,9 +58,6 @@ class HiCMAEConfig:
         assert self.fusion_flow in FUSION_FLOWS, f"fusion_flow must be one of {FUSION_FLOWS}"
         assert all(0 <= i < self.depth for i in self.inter_layers), "inter_layers must index encoder blocks"
         assert len(set(self.inter_layers)) == len(self.inter_layers), "inter_layers must be distinct"
-        if self.skip_connections:
-            assert len(self.inter_layers) == self.decoder_depth - 1, \
-                "one selected encoder layer per decoder layer after the first"
         assert self.img_size % self.patch_size == 0 and self.num_frames % self.tubelet_size == 0
         assert self.audio_frames % self.patch_size == 0 and self.mel_bins % self.patch_size == 0
 
@@ -320,6 +317,8 @@ class HiCMAE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        assert not cfg.skip_connections or len(cfg.inter_layers) == cfg.decoder_depth - 1, \
+            "one selected encoder layer per decoder layer after the first"
         self.cfg = cfg
         self.video_encoder = Encoder(cfg, "video")
         self.audio_encoder = Encoder(cfg, "audio")

@@ -285,3 +285,13 @@ def test_authors_config_reads_their_arguments_and_takes_the_heads_from_the_width
         authors_config(args, narrow)
     with pytest.raises(ValueError, match="one depth"):
         authors_config(argparse.Namespace(**{**vars(args), "depth_audio": 4}), state)
+
+
+def test_skip_connections_constrain_the_pretraining_model_only():
+    """One selected layer per decoder layer after the first is the decoders' rule: a fine-tuning model of 2
+    layers with one selected layer builds, the pre-training model with its 4 decoder layers refuses it."""
+    cfg = small_config(depth=2, inter_layers=(1,))
+    logits = HiCMAEClassifier(cfg, "av", num_outputs=3)(torch.randn(1, 3, 4, 32, 32), torch.randn(1, 1, 32, 32))
+    assert logits.shape == (1, 3)
+    with pytest.raises(AssertionError, match="one selected encoder layer per decoder layer"):
+        HiCMAE(cfg)

@@ -266,7 +266,7 @@ def test_summary_errors_name_the_file(tmp_path):
 
 TINY = ["--size", "tiny", "--img_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--audio_frames", "32",
         "--mel_bins", "32", "--dim", "32", "--heads", "2", "--depth", "2", "--inter_layers", "1",
-        "--decoder_depth", "2", "--fusion_depth", "1", "--num_workers", "0", "--device", "cpu", "--batch_size", "4", "--epochs", "1",
+        "--fusion_depth", "1", "--num_workers", "0", "--device", "cpu", "--batch_size", "4", "--epochs", "1",
         "--warmup_epochs", "0", "--num_clips", "1", "--num_crops", "1", "--rand_ops", "0", "--mixup", "0",
         "--cutmix", "0", "--log_every", "1"]
 
