@@ -880,6 +880,8 @@ def main(argv=None):
             test_checkpoint(args, model, run, env, names)
     except (ValueError, data.DataError) as e:  # a malformed file or a bad row: the message names it
         raise SystemExit(f"evaluate.py: {e}") from None
+    except OSError as e:  # a file that is not there or cannot be read
+        raise SystemExit(f"evaluate.py: {e.filename}: {e.strerror}") from None
     return 0
 
 

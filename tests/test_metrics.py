@@ -245,6 +245,12 @@ def test_not_a_predictions_file(tmp_path):
         read_predictions(path)
 
 
+def test_a_missing_predictions_file_is_named_in_one_line(tmp_path):
+    missing = tmp_path / "predictions-best.csv"
+    with pytest.raises(SystemExit, match=rf"^evaluate.py: {missing}: No such file or directory$"):
+        evaluate.main(["--predictions", str(missing)])
+
+
 def run_cli(*args):
     result = subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
