@@ -80,12 +80,11 @@ def parse_root_map(pairs):
 
 
 def root_map_arg(pair):
-    """The argparse type of --root_map: an OLD=NEW pair, else a usage error."""
+    """The argparse type of --root_map: an OLD=NEW pair as (OLD, NEW), else a usage error."""
     try:
-        parse_root_map([pair])
+        return parse_root_map([pair])[0]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return pair
 
 
 def add_root_map(parser):
@@ -958,7 +957,7 @@ def main(argv=None):
         except DataError as e:
             raise SystemExit(f"data.py crema-d: {e}") from None
     if args.command == "check":
-        failed = check(args.manifest, parse_root_map(args.root_map), args.workers, args.task, args.num_frames,
+        failed = check(args.manifest, args.root_map, args.workers, args.task, args.num_frames,
                        args.sampling_rate)
         return 1 if failed else 0
     scan(args.root, args.out, args.audio_root)

@@ -574,8 +574,7 @@ def probe_checkpoint(args):
     task = data.guess_task(args.data_path)
     if task == "pretrain":
         raise ValueError(f"{args.data_path}: the probes need labelled rows (a class index or regression targets)")
-    root_map = data.parse_root_map(args.root_map)
-    train_samples, test_samples = (data.read_manifest(p, root_map, task) for p in (args.data_path, args.test_path))
+    train_samples, test_samples = (data.read_manifest(p, args.root_map, task) for p in (args.data_path, args.test_path))
     train_y, test_y = (torch.tensor([s.target for s in samples]) for samples in (train_samples, test_samples))
     num_classes = int(max(train_y.max(), test_y.max())) + 1 if task == "classification" else None
     loaders = [test_loader(samples, cfg, run["sampling_rate"], args) for samples in (train_samples, test_samples)]
@@ -760,7 +759,7 @@ def save_features(path, features):
 
 def test_checkpoint(args, model, run, env, names):
     """Multi-view test of a manifest: print the metrics, write predictions.csv (and confusion.png)."""
-    samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), run["task"])
+    samples = data.read_manifest(args.data_path, args.root_map, run["task"])
     loader = test_loader(samples, model.cfg, run["sampling_rate"], args, run["modality"])
     indices, scores, features = predict(model, loader, run["task"], env.device, lambda: autocast(args, env),
                                         features=bool(args.features))

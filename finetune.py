@@ -79,9 +79,8 @@ def read_data(args):
     if args.task not in ("classification", "regression"):
         raise SystemExit(f"{args.data_path}: rows have no labels; fine-tuning needs a class index or "
                          "regression targets after <video> <audio>")
-    root_map = data.parse_root_map(args.root_map)
-    train_samples = data.read_manifest(args.data_path, root_map, args.task)
-    test_samples = data.read_manifest(args.test_path, root_map, args.task)
+    train_samples = data.read_manifest(args.data_path, args.root_map, args.task)
+    test_samples = data.read_manifest(args.test_path, args.root_map, args.task)
     names = Path(args.data_path).parent / "classes.txt"
     if args.task == "classification" and not args.class_names and names.exists():
         args.class_names = [line.strip() for line in names.read_text().splitlines() if line.strip()]

@@ -702,15 +702,15 @@ def save_reconstruction(path, model, batch, cfg):
     frames = torch.cat([unpatchify_video(r.flatten(2), cfg)[0].transpose(0, 1) for r in rows])  # (3T, 3, H, W)
     grid = make_grid(frames.clamp(0, 1), nrow=cfg.num_frames, padding=2, pad_value=1.0)
 
-    spec = patchify_audio(audio, cfg)  # (1, N, p*p)
-    masked_spec = spec[audio_mask]
-    pred_a = out["audio_pred"].float().reshape(masked_spec.shape)
+    mel = patchify_audio(audio, cfg)  # (1, N, p*p)
+    masked_mel = mel[audio_mask]
+    pred_a = out["audio_pred"].float().reshape(masked_mel.shape)
     if cfg.normalize_target:
-        pred_a = pred_a * masked_spec.std(dim=1, keepdim=True) + masked_spec.mean(dim=1, keepdim=True)
-    low, high = spec.min(), spec.max()
-    specs = [spec, fill_masked(spec, torch.full_like(masked_spec, low.item()), audio_mask),
-             fill_masked(spec, pred_a, audio_mask)]
-    images = [((unpatchify_audio(s, cfg)[0, 0].T.flip(0) - low) / (high - low)).clamp(0, 1) for s in specs]  # freq up
+        pred_a = pred_a * masked_mel.std(dim=1, keepdim=True) + masked_mel.mean(dim=1, keepdim=True)
+    low, high = mel.min(), mel.max()
+    mels = [mel, fill_masked(mel, torch.full_like(masked_mel, low.item()), audio_mask),
+            fill_masked(mel, pred_a, audio_mask)]
+    images = [((unpatchify_audio(m, cfg)[0, 0].T.flip(0) - low) / (high - low)).clamp(0, 1) for m in mels]  # freq up
     strip = torch.cat([F.pad(im, (2, 2, 2, 2), value=1.0) for im in images], dim=1)
     height = round(strip.shape[0] * grid.shape[2] / strip.shape[1])
     strip = F.interpolate(strip[None, None], size=(height, grid.shape[2]), mode="nearest")[0].expand(3, -1, -1)
@@ -765,7 +765,7 @@ def main(argv=None):
         log(f"no --data_path: pre-training a small model on the demo data set ({args.data_path})")
     log(f"model: {cfg}")
 
-    samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
+    samples = data.read_manifest(args.data_path, args.root_map, task="pretrain")
     dataset = data.PretrainDataset(samples, cfg, sampling_rate=args.sampling_rate, seed=args.seed)
     loader = make_loader(dataset, args, env)
     torch.manual_seed(args.seed)  # the same initial weights on every rank

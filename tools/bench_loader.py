@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for python tools/bench_loader.py
 from data import (MODALITIES, TASKS, FinetuneDataset, PretrainDataset, add_root_map, guess_task,  # noqa: E402
-                  parse_root_map, read_manifest)
+                  read_manifest)
 from model import HiCMAEConfig  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def main(argv=None):
                         "fine-tuning training items (default: from the first row)")
     parser.add_argument("--modality", choices=MODALITIES, default="av", help="fine-tuning items' modality (default av)")
     args = parser.parse_args(argv)
-    bench(args.manifest, parse_root_map(args.root_map), args.workers, args.batch_size, args.num_batches, args.task,
+    bench(args.manifest, args.root_map, args.workers, args.batch_size, args.num_batches, args.task,
           args.modality)
 
 

@@ -58,7 +58,7 @@ def benchmark(args, env, cfg):
     fixed = random_batch(cfg, args.batch_size, env.device)
     loader = None
     if args.data_path:
-        samples = data.read_manifest(args.data_path, data.parse_root_map(args.root_map), task="pretrain")
+        samples = data.read_manifest(args.data_path, args.root_map, task="pretrain")
         loader = make_loader(data.PretrainDataset(samples, cfg, sampling_rate=args.sampling_rate, seed=args.seed),
                              args, env)
     batches = iter(())

@@ -25,7 +25,7 @@ import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for python tools/prepare.py
 from data import (SAMPLE_RATE, TASKS, DataError, VideoFile, _reading, add_root_map, guess_task,  # noqa: E402
-                  parse_root_map, read_audio, read_manifest)
+                  read_audio, read_manifest)
 
 PREPARED_X264 = "keyint=32:min-keyint=32:scenecut=0:bframes=3:b-adapt=0:b-pyramid=none:cabac=0"
 
@@ -160,7 +160,7 @@ def main(argv=None):
     parser.add_argument("--task", choices=TASKS, help="default: from the first row")
     parser.add_argument("--crf", type=int, default=23, help="x264's quality, lower is better and larger (default 23)")
     args = parser.parse_args(argv)
-    _, failed = prepare(args.manifest, args.out, parse_root_map(args.root_map), args.workers, args.task, args.crf)
+    _, failed = prepare(args.manifest, args.out, args.root_map, args.workers, args.task, args.crf)
     return 1 if failed else 0
 
 
