@@ -3,6 +3,7 @@ encoders (Sec. 3.1.1-3.1.2), decoders (Sec. 3.1.3), pre-training losses (Eq. 8-1
 (Eq. 12), optimiser groups and costs, checkpoints. `python model.py` prints the size of every model."""
 
 import argparse
+import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -237,11 +238,23 @@ class Encoder(nn.Module):
                                     for r in drop_path_rates(cfg.drop_path, cfg.depth))
         self.norm = layer_norm(cfg.dim)
 
+    def patches(self, x):
+        """(B, C, T, H, W) or (B, C, T, F) -> (B, N, C * kernel), each token's pixels in patch_embed's weight order."""
+        kernel = self.patch_embed.kernel_size
+        grid = [size // k for size, k in zip(x.shape[2:], kernel)]
+        x = x.reshape(*x.shape[:2], *[n for g, k in zip(grid, kernel) for n in (g, k)])
+        dims = len(kernel)
+        x = x.permute(0, *range(2, 2 + 2 * dims, 2), 1, *range(3, 3 + 2 * dims, 2))  # grid dims, then C and kernel
+        return x.reshape(x.shape[0], math.prod(grid), -1)
+
     def forward(self, x, visible_ids=None, return_layers=()):
         """norm(output) and norm(output of block j) for j in return_layers (0-based)."""
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
-        if visible_ids is not None:  # pre-training: only the visible tokens, in their original order
-            x = gather_tokens(x, visible_ids)
+        if visible_ids is None:
+            x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        else:  # pre-training: embed only the visible tokens (the convolution as a matrix product), in order
+            weight = self.patch_embed.weight.flatten(1)
+            x = F.linear(gather_tokens(self.patches(x), visible_ids), weight, self.patch_embed.bias)
+            x = x + self.pos_embed[0][visible_ids]
         layers = []
         for j, block in enumerate(self.blocks):
             x = block(x)
@@ -577,9 +590,9 @@ def count_macs(cfg, model="av", num_outputs=6):
     """MACs of matrix products and convolutions per clip; model "av", "audio", "video" or "pretrain"."""
     c, p, r = cfg.dim, cfg.patch_size, cfg.mlp_ratio
     nv, na = cfg.num_video_tokens, cfg.num_audio_tokens
-    embed_v, embed_a = nv * 3 * cfg.tubelet_size * p * p * c, na * p * p * c  # every token, before masking
-    if model == "pretrain":
+    if model == "pretrain":  # the encoders see (and embed) the visible tokens only
         nv, na = cfg.num_visible
+    embed_v, embed_a = nv * 3 * cfg.tubelet_size * p * p * c, na * p * p * c
     video = embed_v + cfg.depth * _block_macs(nv, c, r)
     audio = embed_a + cfg.depth * _block_macs(na, c, r)
     fusion = cfg.fusion_depth * (_cross_block_macs(nv, na, c, r) + _cross_block_macs(na, nv, c, r))

@@ -368,6 +368,8 @@ def start_state(args, env, raw_model, optimizer, scaler, log):
         raise SystemExit(f"{path} holds a run of another configuration ({differ}): resume it with its own flags, "
                          "or start afresh with --resume none or another --output_dir") from None
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # a --cuda_graph run saves a device lr and capturable AdamW: plain again
+        group["lr"], group["capturable"] = float(group["lr"]), False
     scaler.load_state_dict(ckpt["scaler"])
     restore_rng(ckpt["rng"], env)
     progress = Progress(**ckpt["progress"])
@@ -588,7 +590,59 @@ def optimizer_step(optimizer, scaler, params, lr, clip_grad):
     return grad_norm
 
 
-def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=None, check_batch=None):
+class GraphedStep:
+    """--cuda_graph: the whole step (normalising the batch, forward, loss, backward, clipping, AdamW) replayed
+    as one CUDA graph, each new batch copied into the graph's static inputs. Capture needs static shapes (the
+    masks' token counts are fixed by the ratios), no host syncs in the step, AdamW's lr as a device tensor
+    (capturable) and no fp16 scaler (bf16 or fp32). The first WARMUP steps run eagerly on a side stream, as
+    capture requires: real training steps, not repeated. Returns (loss parts, gradient norm): the graph's
+    outputs, overwritten by the next replay."""
+    WARMUP = 3
+
+    def __init__(self, args, env, model, optimizer, compute_loss, params):
+        self.args, self.env, self.model, self.optimizer = args, env, model, optimizer
+        self.compute_loss, self.params = compute_loss, params
+        self.steps, self.graph, self.inputs, self.outputs = 0, None, None, None
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=env.device)
+        self.stream = torch.cuda.Stream(env.device)
+
+    def step(self, batch):
+        with autocast(self.args, self.env):
+            parts = self.compute_loss(self.model, data.normalize_batch(batch))
+        parts["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return parts, grad_norm
+
+    def __call__(self, batch, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        if self.graph is None and self.steps < self.WARMUP:
+            self.steps += 1
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self.step(batch)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        if self.graph is None:
+            for group in self.optimizer.param_groups:
+                group["capturable"] = True
+            self.inputs, self.graph = batch, torch.cuda.CUDAGraph()
+            # thread_local: the loader's pin-memory thread may call CUDA while this thread captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = self.step(self.inputs)
+        else:
+            for k, v in self.inputs.items():
+                v.copy_(batch[k])
+        self.graph.replay()
+        return self.outputs
+
+
+def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=None, check_batch=None,
+          cuda_graph=False):
     """Run the epochs: True once all are done, False if stopped early (last.pth saved). compute_loss(model,
     batch) -> dict of scalar tensors with 'loss'; check_batch(batch) checks a host batch; on_epoch_end(epoch)
     runs before the epoch's checkpoints. Between logging steps nothing is read from the device."""
@@ -603,6 +657,7 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
     checkpoints = Checkpoints(args, env, raw_model, optimizer, scaler, progress, schedule)
     monitor = data.BadSampleMonitor(loader.dataset.samples, args.max_bad_fraction)
     params = [p for p in raw_model.parameters() if p.requires_grad]
+    graphed = GraphedStep(args, env, model, optimizer, compute_loss, params) if cuda_graph else None
     meter = Meter()
     with Stopper(args, env) as stop:
         for epoch in range(progress.epoch, args.epochs):
@@ -612,6 +667,8 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
             model.train()
             batches, steps = iter(loader), len(loader) // args.accum_steps
             for i in range(steps):
+                lr = lr_at(schedule, epoch * schedule["clips_per_epoch"] + progress.clips,
+                           args.epochs * schedule["clips_per_epoch"])
                 for micro in range(args.accum_steps):
                     t0 = time.time()
                     batch = next(batches)
@@ -619,16 +676,18 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
                     monitor.update(batch)  # the loader's host tensors: no device sync
                     if check_batch is not None:
                         check_batch(batch)
-                    batch = to_device(batch, env.device)
-                    sync = not env.ddp or micro + 1 == args.accum_steps  # gradients sync on the last micro-step
-                    with nullcontext() if sync else model.no_sync(), autocast(args, env):
-                        parts = compute_loss(model, batch)
-                    scaler.scale(parts["loss"] / args.accum_steps).backward()
+                    if graphed is not None:  # one micro-step, the optimiser's step included
+                        parts, grad_norm = graphed(batch, lr)
+                    else:
+                        batch = to_device(batch, env.device)
+                        sync = not env.ddp or micro + 1 == args.accum_steps  # gradients sync on the last micro-step
+                        with nullcontext() if sync else model.no_sync(), autocast(args, env):
+                            parts = compute_loss(model, batch)
+                        scaler.scale(parts["loss"] / args.accum_steps).backward()
                     meter.add(parts, args.accum_steps)
                     checkpoints.note(parts["loss"].detach(), progress.step + 1)
-                lr = lr_at(schedule, epoch * schedule["clips_per_epoch"] + progress.clips,
-                           args.epochs * schedule["clips_per_epoch"])
-                grad_norm = optimizer_step(optimizer, scaler, params, lr, args.clip_grad)
+                if graphed is None:
+                    grad_norm = optimizer_step(optimizer, scaler, params, lr, args.clip_grad)
                 if not scaler.is_enabled():  # with fp16's scaler an infinite gradient only skips the step
                     checkpoints.note(grad_norm, progress.step + 1)
                 progress.step, progress.clips = progress.step + 1, progress.clips + clips_per_step
@@ -751,12 +810,26 @@ def build_parser():
     g.add_argument("--gather_negatives", action="store_true",
                    help="HCMCL negatives from every GPU (default: the local batch, as the authors)")
     g.add_argument("--visualize_every", type=int, default=1, help="reconstruction figure every N epochs (0: never)")
+    g.add_argument("--cuda_graph", action="store_true",
+                   help="replay the whole step as one CUDA graph (one GPU, bf16 or fp32, --accum_steps 1)")
     return parser
+
+
+def check_cuda_graph(args, env):
+    """Stop in one line where --cuda_graph cannot capture the step."""
+    problem = ("needs a CUDA device" if env.device.type != "cuda" else
+               "runs on one GPU (DDP's gradient all-reduce is not captured)" if env.ddp else
+               "takes bf16 or fp32 (fp16's gradient scaler reads the device)" if amp_dtype(args, env) == "fp16" else
+               "takes --accum_steps 1" if args.accum_steps != 1 else None)
+    if problem:
+        raise SystemExit(f"--cuda_graph {problem}")
 
 
 def main(argv=None):
     args = parse_args(build_parser(), argv, DEMO)
     env = setup(args)
+    if args.cuda_graph:
+        check_cuda_graph(args, env)
     cfg = model_config(args)
     check_output_dir(args.output_dir)
     log = Logger(args.output_dir, env.master)
@@ -783,7 +856,8 @@ def main(argv=None):
 
     compute_loss = pretraining_loss_fn(cfg, args.gather_negatives and env.ddp, args.compile)
     if train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end,
-             check_batch=lambda batch: check_masks(cfg, batch["video_mask"], batch["audio_mask"])):
+             check_batch=lambda batch: check_masks(cfg, batch["video_mask"], batch["audio_mask"]),
+             cuda_graph=args.cuda_graph):
         log(f"done: checkpoints in {args.output_dir}/")
     close(env)
     return raw_model

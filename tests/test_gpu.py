@@ -5,7 +5,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
-from model import HiCMAE, HiCMAEClassifier, load_checkpoint, load_weights, make_config, pretrain_loss
+import pretrain
+from model import (HiCMAE, HiCMAEClassifier, configure_optimizer, load_checkpoint, load_weights, make_config,
+                   pretrain_loss)
 from pretrain import pretraining_loss_fn
 from test_parity import FIXTURE, assert_bf16_close, assert_close, fixture_config, losses_and_grads
 from test_pretrain import TINY, logged, run
@@ -122,3 +124,64 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.02) and b["lr"] == pytest.approx(a["lr"]), a["step"]
     weights = load_checkpoint(tmp_path / "split" / "last.pth")["model"]
     assert all(w.device.type == "cpu" and torch.isfinite(w).all() for w in weights.values())
+
+
+def test_cuda_graph_step_equals_the_eager_step(ref):
+    """pretrain.GraphedStep (3 eager warm-up steps, then one captured graph replayed) against the plain step
+    (train()'s path) from the authors' weights on the same 6 batches: every step's losses within the bf16
+    bounds of the tests above, the final weights within bf16's rounding of the eager ones."""
+    ref, x = ref
+    cfg = fixture_config(ref)
+    args = pretrain.build_parser().parse_args(["--device", "cuda", "--dtype", "bf16", "--data_path", "x"])
+    env = pretrain.Env(0, 0, 1, CUDA, False)
+    g = torch.Generator().manual_seed(0)
+    batches = [dict(video=torch.randint(0, 256, x["video"].shape, dtype=torch.uint8, generator=g),
+                    audio=torch.randn(x["audio"].shape, generator=g),
+                    video_mask=torch.stack([data.tube_mask(*cfg.video_grid, cfg.video_mask_ratio, g)
+                                            for _ in range(len(x["video"]))]),
+                    audio_mask=torch.stack([data.random_mask(cfg.num_audio_tokens, cfg.audio_mask_ratio, g)
+                                            for _ in range(len(x["video"]))])) for _ in range(6)]
+    compute = pretraining_loss_fn(cfg, False)
+    runs = []
+    for graphed in (False, True):
+        model = load_weights(HiCMAE(cfg), ref["pretrain_state_dict"]).to(CUDA).train()
+        optimizer = configure_optimizer(model, 0.0, 0.05, (0.9, 0.95), device_type="cuda")
+        params = list(model.parameters())
+        step = pretrain.GraphedStep(args, env, model, optimizer, compute, params) if graphed else None
+        scaler = torch.amp.GradScaler(enabled=False)
+        losses = []
+        for i, batch in enumerate(batches):
+            lr = 1e-3 * (i + 1)  # a schedule that moves: the graph reads its lr from the device
+            if graphed:
+                parts, _ = step(batch, lr)
+            else:
+                with pretrain.autocast(args, env):
+                    parts = compute(model, pretrain.to_device(batch, CUDA))
+                parts["loss"].backward()
+                pretrain.optimizer_step(optimizer, scaler, params, lr, None)
+            losses.append({k: v.item() for k, v in parts.items()})
+        assert step is None or step.graph is not None  # the last 3 steps were replays
+        runs.append((losses, {n: p.detach().float().clone() for n, p in model.named_parameters()}))
+    (eager, eager_weights), (graph, graph_weights) = runs
+    for a, b in zip(eager, graph):
+        for k in ("loss", "loss_video", "loss_audio"):
+            assert b[k] == pytest.approx(a[k], rel=0.01), k
+        assert b["loss_hcmcl"] == pytest.approx(a["loss_hcmcl"], abs=0.05)
+    moved = [(graph_weights[n] - eager_weights[n]).abs().max().item() for n in eager_weights]
+    assert max(moved) < 1e-2, max(moved)
+
+
+def test_pretrain_with_cuda_graph_logs_the_losses_of_the_plain_run(tmp_path):
+    """pretrain.py --cuda_graph through train(): 8 steps (3 warm-up, then replays), losses and lr of every
+    logged step within 2% of the plain run's (the resume test's bound), its checkpoint resumable on the CPU."""
+    manifest, _ = write_demo(tmp_path / "demo", seed=1, num_train=8, num_test=4)
+    common = [*TINY, "--data_path", str(manifest), "--epochs", "2", "--batch_size", "2", "--dtype", "bf16",
+              "--device", "cuda"]
+    run(*common, "--output_dir", str(tmp_path / "plain"))
+    run(*common, "--cuda_graph", "--output_dir", str(tmp_path / "graph"))
+    plain, graph = logged(tmp_path / "plain"), logged(tmp_path / "graph")
+    assert [r["step"] for r in graph] == [r["step"] for r in plain] == list(range(1, 9))
+    for a, b in zip(plain, graph):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.02) and b["lr"] == pytest.approx(a["lr"]), a["step"]
+    run(*common, "--epochs", "3", "--device", "cpu", "--dtype", "fp32", "--output_dir", str(tmp_path / "graph"))
+    assert [r["step"] for r in logged(tmp_path / "graph")][-1] == 12

@@ -247,7 +247,7 @@ def test_compiled_benchmark_reports_graph_breaks_and_compile_time(capsys, monkey
 def test_bench_step_runs_as_a_command():
     out = launch([sys.executable, str(REPO / "tools" / "bench_step.py"), *BENCH, "--batch_size", "2",
                   "--bench_steps", "2", "--bench_warmup", "1"])
-    assert out.startswith("benchmark: HiCMAE-tiny pre-training, 2 clips/step, fp32, compile=False, CPU: ")
+    assert out.startswith("benchmark: HiCMAE-tiny pre-training, 2 clips/step, fp32, compile=False, cuda_graph=False, CPU: ")
 
 
 def test_autocast_is_bf16_on_cpu_when_asked_and_fp32_by_default():
