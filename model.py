@@ -395,8 +395,9 @@ def normalize_patches(x):
 
 def to_pixels(video):
     """ImageNet-normalised video (B, 3, T, H, W) back to pixels in [0, 1]."""
-    mean = video.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
-    std = video.new_tensor(IMAGENET_STD).view(1, 3, 1, 1, 1)
+    # filled on the device, not copied from the host (a CUDA graph captures no host copies)
+    mean = torch.stack([video.new_full((), m) for m in IMAGENET_MEAN]).view(1, 3, 1, 1, 1)
+    std = torch.stack([video.new_full((), s) for s in IMAGENET_STD]).view(1, 3, 1, 1, 1)
     return video * std + mean
 
 

@@ -609,7 +609,7 @@ class GraphedStep:
 
     def step(self, batch):
         with autocast(self.args, self.env):
-            parts = self.compute_loss(self.model, data.normalize_batch(batch))
+            parts = self.compute_loss(self.model, batch)
         parts["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad or float("inf"))
         self.optimizer.step()
@@ -619,7 +619,7 @@ class GraphedStep:
     def __call__(self, batch, lr):
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr * group.get("lr_scale", 1.0))
-        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        batch = {k: v for k, v in to_device(batch, self.env.device).items() if torch.is_tensor(v)}
         if self.graph is None and self.steps < self.WARMUP:
             self.steps += 1
             self.stream.wait_stream(torch.cuda.current_stream())

@@ -286,3 +286,16 @@ def test_a_fresh_start_in_a_used_folder_starts_its_own_log(manifest, tmp_path):
     assert [r["step"] for r in logged(tmp_path)] == [1, 2]
     run(*common, "--resume", "none")
     assert [r["step"] for r in logged(tmp_path)] == [1, 2]  # not [1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("device, ddp, flags, reason", [
+    ("cpu", False, [], "needs a CUDA device"),
+    ("cuda:0", True, [], "runs on one GPU"),
+    ("cuda:0", False, ["--dtype", "fp16"], "takes bf16 or fp32"),
+    ("cuda:0", False, ["--accum_steps", "2"], "takes --accum_steps 1")])
+def test_cuda_graph_refuses_a_step_it_cannot_capture(device, ddp, flags, reason):
+    args = pretrain.build_parser().parse_args(["--cuda_graph", "--data_path", "x", *flags])
+    with pytest.raises(SystemExit, match=f"--cuda_graph {reason}"):
+        pretrain.check_cuda_graph(args, pretrain.Env(0, 0, 1, torch.device(device), ddp))
+    args = pretrain.build_parser().parse_args(["--cuda_graph", "--data_path", "x", "--dtype", "bf16"])
+    pretrain.check_cuda_graph(args, pretrain.Env(0, 0, 1, torch.device("cuda:0"), False))  # one GPU, bf16: allowed

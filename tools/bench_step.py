@@ -42,6 +42,7 @@ def build_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the model and the loss (fullgraph=True)")
     g.add_argument("--cuda_graph", action="store_true", help="pre-training's whole step as one CUDA graph")
     g.add_argument("--authors_code", default=None, help="a folder with the authors' modeling_pretrain_av.py")
+    g.add_argument("--clip_grad", type=float, default=None, help="max gradient norm (default: none, as pretrain.py)")
     add_device_args(g)
     g.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
