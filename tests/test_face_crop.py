@@ -147,6 +147,8 @@ def test_failures_are_named_get_no_folder_and_exit_1(crema, tmp_path, capsys):
     blank = Image.new("RGB", (face_clips.WIDTH, face_clips.HEIGHT), face_clips.BACKGROUND)
     face_clips.write_video(videos / "1001_DFA_FEA_XX.flv", [blank] * 5)  # no face
     (videos / "1001_DFA_HAP_XX.flv").write_bytes(b"not a video at all")  # undecodable
+    whole = (videos / f"{names[0]}.flv").read_bytes()
+    (videos / "1001_DFA_SAD_XX.flv").write_bytes(whole[:len(whole) // 2])  # cut short
     face = Image.open(FACE).convert("RGB")
     shown = [face_clips.frame(face, *face_clips.motion(k, 10)) for k in range(10)]
     face_clips.write_video(videos / "1001_DFA_NEU_XX.flv", shown[:4] + [blank] * 3 + shown[7:])  # a gap
@@ -155,9 +157,11 @@ def test_failures_are_named_get_no_folder_and_exit_1(crema, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert f"{videos / '1001_DFA_FEA_XX.flv'}: no face found in any of its 5 frames" in out
     assert f"{videos / '1001_DFA_HAP_XX.flv'}: not a media file FFmpeg can read (18 bytes)" in out
+    assert any(line.startswith(f"{videos / '1001_DFA_SAD_XX.flv'}: truncated: ") and
+               line.endswith("frames decoded, its header announces 0.33 s at 30 frames/s") for line in out)
     assert "3 clips cropped, 30 frames (3 without a detection: they took the landmarks of their nearest frame " \
-           "with one), 2 failed" in out
-    assert sorted(os.listdir(faces)) == names + ["1001_DFA_NEU_XX"]  # none for the two, nothing partial left
+           "with one), 3 failed" in out
+    assert sorted(os.listdir(faces)) == names + ["1001_DFA_NEU_XX"]  # none for the three, nothing partial left
     assert all(len(os.listdir(faces / name)) == 10 for name in names + ["1001_DFA_NEU_XX"])
 
 

@@ -166,6 +166,11 @@ def frames(path):
                 raise DataError(f"{path}: the video stream holds no frames")
             if stream.frames and count < stream.frames:
                 raise DataError(f"{path}: truncated: {count} of {stream.frames} video frames decoded")
+            # A container that does not count its frames (FLV) still states its duration.
+            announced = container.duration and stream.average_rate and container.duration / 1e6 * stream.average_rate
+            if announced and count < 0.9 * announced:
+                raise DataError(f"{path}: truncated: {count} frames decoded, its header announces "
+                                f"{container.duration / 1e6:.2f} s at {float(stream.average_rate):g} frames/s")
 
 
 def frame_name(i):
