@@ -3,6 +3,7 @@ moved through a video by known rolls, scales and shifts; failures named; reruns;
 
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -70,6 +71,10 @@ def test_without_the_extra_one_line_says_what_to_install(tmp_path, monkeypatch):
     assert message == "tools/face_crop.py needs dlib and its 68-point landmark model: " \
                       "pip install -r requirements-faces.txt"
     assert not (tmp_path / "faces").exists()
+
+
+def test_progress_line_times():
+    assert [data._duration(s) for s in (0.4, 42, 192, 18420)] == ["0 s", "42 s", "3 min 12 s", "5 h 07 min"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +159,9 @@ def test_failures_are_named_get_no_folder_and_exit_1(crema, tmp_path, capsys):
     face_clips.write_video(videos / "1001_DFA_NEU_XX.flv", shown[:4] + [blank] * 3 + shown[7:])  # a gap
     faces = tmp_path / "faces"
     assert face_crop.main([str(videos), "--out", str(faces)]) == 1
-    out = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr()
+    out = printed.out.splitlines()
+    assert re.fullmatch(r"face_crop: 6/6 \(3 failed\), [0-9.]+ frames/s, 0 s left", printed.err.splitlines()[-1])
     assert f"{videos / '1001_DFA_FEA_XX.flv'}: no face found in any of its 5 frames" in out
     assert f"{videos / '1001_DFA_HAP_XX.flv'}: not a media file FFmpeg can read (18 bytes)" in out
     assert any(line.startswith(f"{videos / '1001_DFA_SAD_XX.flv'}: truncated: ") and

@@ -181,8 +181,8 @@ def frame_name(i):
 def crop_clip(path, folder, size, models):
     """Write folder/frame_det_00_NNNNNN.jpg for every frame of the video at path; returns (frames, frames
     without a detection). DataError if it cannot be decoded or shows no face."""
-    follow, scale = FaceFollower(models), size * 0.7 / 112  # OpenFace: -simsize alone sets the scale so
-    found, missing = {}, []                                  # that SIZE frames the face as 112 does
+    scale = size * 0.7 / 112  # OpenFace's -simsize alone: SIZE frames the face as its default 112 does
+    follow, found, missing = FaceFollower(models), {}, []
     for i, image in enumerate(frames(path)):
         landmarks = follow(image.convert("L"))
         if landmarks is None:
