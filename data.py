@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 import wave
 from contextlib import contextmanager
@@ -792,6 +793,56 @@ class BadSampleMonitor:
 
 # 6. Command line: python data.py check|scan|crema-d
 
+class Progress:
+    """The progress line of a long job (data.py check, tools/face_crop.py), on stderr:
+    `WHAT DONE/TOTAL (F failed), R UNIT/s, T left`. On a terminal it is rewritten in place; in a log, a line
+    every 30 s. `note(line)` prints a line to stdout (a failure, a warning) without mixing it into the bar."""
+
+    def __init__(self, what, total, unit):
+        self.what, self.total, self.unit = what, total, unit
+        self.done = self.failed = self.units = 0
+        self.start = self.shown = time.perf_counter()
+        self.terminal = sys.stderr.isatty()
+        self.width = 0  # of the line on the terminal
+
+    def update(self, failed=False, units=1):
+        """One more item done (failed or not) and `units` more of the rate's unit."""
+        self.done, self.failed, self.units = self.done + 1, self.failed + bool(failed), self.units + units
+        now = time.perf_counter()
+        if now - self.shown >= (0.5 if self.terminal else 30) or self.done == self.total:
+            self.shown = now
+            elapsed = max(now - self.start, 1e-9)
+            left = (self.total - self.done) * elapsed / self.done
+            line = (f"{self.what} {self.done}/{self.total} ({self.failed} failed), "
+                    f"{self.units / elapsed:.1f} {self.unit}/s, {_duration(left)} left")
+            if self.terminal:
+                print(f"\r{line:<{self.width}}", end="", file=sys.stderr, flush=True)
+                self.width = len(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+    def note(self, line):
+        if self.terminal and self.width:
+            print(f"\r{'':<{self.width}}\r", end="", file=sys.stderr, flush=True)
+            self.width = 0
+        print(line, flush=True)
+
+    def close(self):
+        if self.terminal and self.width:
+            print(file=sys.stderr, flush=True)
+            self.width = 0
+
+
+def _duration(seconds):
+    """42 s, 3 min 12 s, 5 h 07 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 class _RowCheck(torch.utils.data.Dataset):
     """Items of a strict data set as (failed, message): the error, or a warning for a video shorter than
     the clip span (its frames repeat); the loader goes on past a bad row."""
@@ -816,8 +867,8 @@ class _RowCheck(torch.utils.data.Dataset):
 
 
 def check(manifest, root_map=(), workers=0, task=None, num_frames=16, sampling_rate=4):
-    """Decode every row as training does; print each failing row and short video, then `N ok, M failed`.
-    Returns the number of failed rows."""
+    """Decode every row as training does; print each failing row and short video, then `N ok, M failed`;
+    the progress line on stderr. Returns the number of failed rows."""
     task = task or guess_task(manifest)
     errors = []
     samples = read_manifest(manifest, root_map, task, errors=errors)
@@ -830,10 +881,13 @@ def check(manifest, root_map=(), workers=0, task=None, num_frames=16, sampling_r
         dataset = FinetuneDataset(samples, cfg, train=True, sampling_rate=sampling_rate, strict=True)
     loader = torch.utils.data.DataLoader(_RowCheck(dataset), batch_size=None, num_workers=workers)
     failed = len(errors)
+    progress = Progress("check:", len(samples), "rows")
     for bad, message in loader:
         if message is not None:
-            print(message, flush=True)
+            progress.note(message)
         failed += bad
+        progress.update(bad)
+    progress.close()
     print(f"{len(samples) + len(errors) - failed} ok, {failed} failed")
     return failed
 

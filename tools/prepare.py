@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import time
 import wave
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for python tools/prepare.py
-from data import (SAMPLE_RATE, TASKS, DataError, VideoFile, _reading, add_root_map, guess_task,  # noqa: E402
-                  read_audio, read_manifest)
+from data import (SAMPLE_RATE, TASKS, DataError, Progress, VideoFile, _reading, add_root_map,  # noqa: E402
+                  guess_task, read_audio, read_manifest)
 
 PREPARED_X264 = "keyint=32:min-keyint=32:scenecut=0:bframes=3:b-adapt=0:b-pyramid=none:cabac=0"
 
@@ -124,21 +123,20 @@ def prepare(manifest, out_dir, root_map=(), workers=1, task=None, crf=23):
         print(e, flush=True)
     jobs = [(s, s.video if os.path.isdir(s.video) else _prepared_name(s.video, out_dir, ".mp4"),
              _prepared_name(s.audio or s.video, out_dir, ".wav"), crf) for s in samples]
-    rows, failed, start = [], len(errors), time.perf_counter()
+    rows, failed = [], len(errors)
+    progress = Progress("prepare:", len(jobs), "rows")
     # spawn: a forked copy of a process with threads (torch's, FFmpeg's) can hang
     with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
         results = pool.imap(_prepare_sample, jobs) if pool else map(_prepare_sample, jobs)
-        for done, ((sample, video, audio, _), error) in enumerate(zip(jobs, results), 1):
+        for (sample, video, audio, _), error in zip(jobs, results):
             if error:
-                print(error, flush=True)
+                progress.note(error)
                 failed += 1
             else:
                 rows.append(" ".join([os.path.relpath(video, out_dir) if video.startswith(out_dir) else video,
                                       os.path.relpath(audio, out_dir)] + _label_fields(sample.target)) + "\n")
-            elapsed = time.perf_counter() - start
-            print(f"\rprepared {done}/{len(jobs)} rows ({failed} failed) in {elapsed:.0f} s, "
-                  f"{(len(jobs) - done) * elapsed / done:.0f} s left ", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+            progress.update(error is not None)
+    progress.close()
     out = os.path.join(out_dir, os.path.basename(manifest))
     _write_atomically(out, lambda partial: Path(partial).write_text("".join(rows)))
     classes = Path(manifest).parent / "classes.txt"
