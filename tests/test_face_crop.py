@@ -206,3 +206,11 @@ def test_rerun_skips_finished_clips_and_an_interrupted_clip_leaves_no_folder(cre
     assert [Path(video) for video, _, _ in rows] == [faces / name for name in names]
     with data.open_video(rows[1][0]) as video:
         assert len(video) == 10 and video.read([0, 9]).shape == (2, 3, SIZE, SIZE)
+
+
+def test_a_folder_without_videos_is_an_error_naming_it(crema, tmp_path):
+    """The CREMA-D root holds its clips one folder down: naming the root must not crop nothing quietly."""
+    root, _ = crema
+    with pytest.raises(SystemExit, match=f"face_crop.py: {re.escape(str(root))}: no video files in this folder"):
+        face_crop.main([str(root), "--out", str(tmp_path / "f")])
+    assert not (tmp_path / "f").exists()

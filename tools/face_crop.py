@@ -211,12 +211,16 @@ def _write(image, landmarks, scale, size, path):
 
 def clip_inputs(inputs):
     """The video files named, and those in the folders named (by extension, in name order); DataError for
-    an input that does not exist."""
+    an input that does not exist or a folder without videos."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            paths += sorted(str(p) for p in Path(item).iterdir()
-                            if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith("."))
+            found = sorted(str(p) for p in Path(item).iterdir()
+                           if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith("."))
+            if not found:
+                raise DataError(f"{item}: no video files in this folder (its subfolders are not searched: for "
+                                "CREMA-D name its VideoFlash folder)")
+            paths += found
         elif os.path.isfile(item):
             paths.append(item)
         else:
