@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -565,39 +566,21 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def _block_macs(n, c, mlp_ratio):  # qkv + proj + FFN, and the two attention matmuls
-    return n * c * c * (4 + 2 * mlp_ratio) + 2 * n * n * c
-
-
-def _cross_block_macs(n, m, c, mlp_ratio):  # a Block plus q, kv, proj and attention over m source tokens
-    return _block_macs(n, c, mlp_ratio) + 2 * n * c * c + 2 * m * c * c + 2 * n * m * c
-
-
 def count_macs(cfg, model="av", num_outputs=6):
-    """MACs of matrix products and convolutions per clip; model "av", "audio", "video" or "pretrain"."""
-    c, p, r = cfg.dim, cfg.patch_size, cfg.mlp_ratio
-    nv, na = cfg.num_video_tokens, cfg.num_audio_tokens
-    embed_v, embed_a = nv * 3 * cfg.tubelet_size * p * p * c, na * p * p * c  # every token, before masking
-    if model == "pretrain":
-        nv, na = cfg.num_visible
-    video = embed_v + cfg.depth * _block_macs(nv, c, r)
-    audio = embed_a + cfg.depth * _block_macs(na, c, r)
-    fusion = cfg.fusion_depth * (_cross_block_macs(nv, na, c, r) + _cross_block_macs(na, nv, c, r))
-    if model == "video":
-        return video + c * num_outputs
-    if model == "audio":
-        return audio + c * num_outputs
-    feature = c * 2 * (2 if cfg.fusion_depth > 0 else 1)
-    if model == "av":
-        return video + audio + fusion + feature * num_outputs
-    d, skips = cfg.decoder_dim, (cfg.decoder_depth - 1 if cfg.skip_connections else 0)
-    decoders = 0
-    for n_vis, n_all, out in ((nv, cfg.num_video_tokens, 3 * cfg.tubelet_size * p * p),
-                              (na, cfg.num_audio_tokens, p * p)):
-        layer = _cross_block_macs(n_all, n_vis, d, r) if skips else _block_macs(n_all, d, r)
-        decoders += (n_vis * c * d * (1 + skips) + _block_macs(n_all, d, r) + (cfg.decoder_depth - 1) * layer
-                     + (n_all - n_vis) * d * out)
-    return video + audio + fusion + decoders
+    """Multiply-accumulates per clip of the model "av" (the classifier), "audio" or "video" (the encoder) or
+    "pretrain": torch's FlopCounterMode counts its matrix products and convolutions (2 FLOPs per MAC) on the
+    meta device, from the shapes alone."""
+    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        video = torch.zeros(1, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+        audio = torch.zeros(1, 1, cfg.audio_frames, cfg.mel_bins)
+        if model == "pretrain":
+            masks = [torch.zeros(1, n, dtype=torch.bool) for n in (cfg.num_video_tokens, cfg.num_audio_tokens)]
+            HiCMAE(cfg)(video, audio, *masks)
+        elif model == "av":
+            HiCMAEClassifier(cfg, "av", num_outputs)(video, audio)
+        else:
+            Encoder(cfg, model)(video if model == "video" else audio)
+    return counter.get_total_flops() // 2
 
 
 def size_table():
@@ -605,12 +588,13 @@ def size_table():
     lines = [f"{'size':6} {'model':14} {'params (M)':>11} {'MACs (G)':>9}"]
     for size in SIZES:
         cfg = make_config(size)
-        rows = [("audio encoder", Encoder(cfg, "audio"), "audio"),
-                ("video encoder", Encoder(cfg, "video"), "video"),
-                ("A+V, 6 classes", HiCMAEClassifier(cfg, "av", 6), "av"),
-                ("pre-training", HiCMAE(cfg), "pretrain")]
+        with torch.device("meta"):
+            rows = [("audio encoder", Encoder(cfg, "audio"), "audio"),
+                    ("video encoder", Encoder(cfg, "video"), "video"),
+                    ("A+V, 6 classes", HiCMAEClassifier(cfg, "av", 6), "av"),
+                    ("pre-training", HiCMAE(cfg), "pretrain")]
         for name, m, kind in rows:
-            lines.append(f"{size:6} {name:14} {count_params(m) / 1e6:11.2f} {count_macs(cfg, kind, 0) / 1e9:9.1f}")
+            lines.append(f"{size:6} {name:14} {count_params(m) / 1e6:11.2f} {count_macs(cfg, kind) / 1e9:9.1f}")
     return "\n".join(lines)
 
 
