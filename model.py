@@ -113,21 +113,9 @@ def gather_tokens(x, ids):
 
 def split_mask(mask, num_visible):
     """Mask (B, N), True = masked -> (visible ids, masked ids) in token order. num_visible comes from the
-    configuration: reading it from the mask would be a host sync (check_masks checks on the host)."""
+    configuration (data.PretrainDataset masks with it): reading it from the mask would be a host sync."""
     ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
     return ids[:, :num_visible], ids[:, num_visible:]
-
-
-def check_masks(cfg, video_mask, audio_mask):
-    """Raise unless every clip's masks leave cfg.num_visible tokens visible (for the loader's host tensors)."""
-    for name, mask, tokens, visible in (("video_mask", video_mask, cfg.num_video_tokens, cfg.num_visible[0]),
-                                        ("audio_mask", audio_mask, cfg.num_audio_tokens, cfg.num_visible[1])):
-        if mask.dim() != 2 or mask.shape[1] != tokens:
-            raise ValueError(f"{name} has shape {tuple(mask.shape)}, the configuration expects (batch, {tokens})")
-        counts = (~mask).sum(1)
-        if not counts.eq(visible).all():
-            raise ValueError(f"{name} leaves {counts.tolist()} tokens visible per clip, the configuration expects "
-                             f"{visible}: the data set's mask ratios or geometry differ from the model's")
 
 
 def drop_path(x, p, training):
@@ -314,7 +302,7 @@ class Decoder(nn.Module):
 # 4. Pre-training model, targets and losses
 
 class HiCMAE(nn.Module):
-    """The pre-training model; masks True = masked, leaving cfg.num_visible tokens (see check_masks)."""
+    """The pre-training model; masks True = masked, leaving cfg.num_visible tokens (data.PretrainDataset's)."""
 
     def __init__(self, cfg):
         super().__init__()

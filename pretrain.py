@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 
 import data
-from model import (SIZES, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer, load_checkpoint, load_weights,
+from model import (SIZES, HiCMAE, HiCMAEConfig, configure_optimizer, load_checkpoint, load_weights,
                    make_config, model_state, patchify_audio, patchify_video, pretrain_loss, to_pixels, unpatchify_audio,
                    unpatchify_video)
 
@@ -494,23 +494,6 @@ class Checkpoints:
             raise SystemExit(error)
 
 
-def bad_samples(monitor, env, checkpoints):
-    """(replaced, rows, text for the log line) of every rank since the last call; too many: save and stop."""
-    bad, seen, rows = monitor.take()
-    if env.ddp:
-        counts = torch.tensor([bad, seen])
-        dist.all_reduce(counts, group=env.control)
-        bad, seen = counts.tolist()
-        rows = sum(gather_objects(rows, env), []) if bad else []
-    problem = monitor.check(bad, seen)
-    if problem:
-        checkpoints.save("last.pth")
-        raise SystemExit(f"{problem}. Stopped after step {checkpoints.progress.step}, "
-                         f"saved in {checkpoints.out / 'last.pth'}")
-    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-    return bad, rows, f" | {bad} bad samples replaced: {', '.join(rows[:5])}{more}" if bad else ""
-
-
 class Stopper:
     """Why to stop after a step, agreed by every rank: --stop_at_step, SIGTERM or SIGUSR1 (noted by the
     handlers this context installs), or --time_limit near (two of the longest steps to spare)."""
@@ -546,22 +529,45 @@ class Stopper:
 
 
 class Meter:
-    """The loss parts since the last log line, summed on the device, and the time waiting for data."""
+    """What a log line reports since the last one: the loss parts summed on the device, the time waiting for
+    data, and the samples replaced (the items' `bad`) with their rows, counted from the loader's host batches.
+    log() says why to stop once more than max_bad_fraction of the run's samples tried (at least
+    1 / max_bad_fraction of them, in all processes) failed."""
 
-    def __init__(self):
+    def __init__(self, samples, max_bad_fraction):
+        self.samples, self.max_bad_fraction = samples, max_bad_fraction
+        self.min_tried = math.ceil(1 / max_bad_fraction) if max_bad_fraction > 0 else 1
+        self.run_bad = self.run_tried = 0
+        self.start_interval()
+
+    def start_interval(self):
         self.names, self.sums, self.count, self.t_data, self.t_last = [], None, 0, 0.0, time.time()
+        self.bad, self.tried, self.rows = 0, 0, []
+
+    def add_batch(self, batch):
+        bad = torch.as_tensor(batch["bad"])
+        replaced = int(bad.sum())
+        self.bad += replaced
+        self.tried += len(bad) + replaced
+        if replaced:
+            self.rows += [self.samples[i].row for i in torch.as_tensor(batch["index"])[bad > 0].tolist()]
 
     def add(self, parts, accum_steps):
         self.names = ["loss"] + [k for k in parts if k != "loss"]
         now = torch.stack([parts[k].detach().float() for k in self.names]) / accum_steps
         self.sums = now if self.sums is None else self.sums + now
 
-    def log(self, log, env, epoch, step, total_steps, lr, grad_norm, clips_per_step, bad_samples):
-        bad, rows, replaced = bad_samples
+    def log(self, log, env, epoch, step, total_steps, lr, grad_norm, clips_per_step):
+        """Write the line (rank 0) and start the next interval; returns why the run must stop, or None."""
         means = self.sums / self.count
-        if env.ddp:  # the mean over the ranks
+        counts = torch.tensor([self.bad, self.tried])
+        rows = self.rows
+        if env.ddp:  # the mean over the ranks, every rank's replaced samples
             dist.all_reduce(means)
             means /= env.world_size
+            dist.all_reduce(counts, group=env.control)
+            rows = sum(gather_objects(rows, env), []) if counts[0] else []
+        bad, tried = counts.tolist()
         means = dict(zip(self.names, means.tolist()))
         elapsed = time.time() - self.t_last
         values = dict(epoch=epoch, step=step, **means, lr=lr, grad_norm=grad_norm.item(),
@@ -569,11 +575,20 @@ class Meter:
                       eta_s=(total_steps - step) * elapsed / self.count, peak_mem_mb=peak_memory_mb(env.device),
                       bad_samples=bad, bad_rows=rows)
         losses = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        replaced = f" | {bad} bad samples replaced: {', '.join(rows[:5])}{more}" if bad else ""
         log.record(values, f"epoch {epoch} step {step}/{total_steps} | {losses} | "
                            f"lr {lr:.2e} grad {values['grad_norm']:.3f} | "
                            f"{values['samples_per_s']:.1f} clips/s, data wait {values['data_wait']:.0%}, "
                            f"eta {values['eta_s'] / 60:.1f} min, peak mem {values['peak_mem_mb']:.0f} MB{replaced}")
-        self.sums, self.count, self.t_data, self.t_last = None, 0, 0.0, time.time()
+        self.start_interval()
+        self.run_bad += bad
+        self.run_tried += tried
+        if self.run_tried >= self.min_tried and self.run_bad > self.max_bad_fraction * self.run_tried:
+            return (f"{self.run_bad} of {self.run_tried} samples failed to decode ({self.run_bad / self.run_tried:.1%}"
+                    f", more than --max_bad_fraction {self.max_bad_fraction:.1%}); the log names them, and "
+                    "`python data.py check MANIFEST` lists every bad row")
+        return None
 
 
 def optimizer_step(optimizer, scaler, params, lr, clip_grad):
@@ -588,10 +603,10 @@ def optimizer_step(optimizer, scaler, params, lr, clip_grad):
     return grad_norm
 
 
-def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=None, check_batch=None):
+def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=None):
     """Run the epochs: True once all are done, False if stopped early (last.pth saved). compute_loss(model,
-    batch) -> dict of scalar tensors with 'loss'; check_batch(batch) checks a host batch; on_epoch_end(epoch)
-    runs before the epoch's checkpoints. Between logging steps nothing is read from the device."""
+    batch) -> dict of scalar tensors with 'loss'; on_epoch_end(epoch) runs before the epoch's checkpoints.
+    Between logging steps nothing is read from the device."""
     scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
     model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
     if env.ddp:  # freed when train returns, before close() ends its process group
@@ -601,9 +616,8 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
         log.path.unlink(missing_ok=True)
     schedule, clips_per_step, total_steps = plan(args, env, loader, progress, schedule, log)
     checkpoints = Checkpoints(args, env, raw_model, optimizer, scaler, progress, schedule)
-    monitor = data.BadSampleMonitor(loader.dataset.samples, args.max_bad_fraction)
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    meter = Meter()
+    meter = Meter(loader.dataset.samples, args.max_bad_fraction)
     with Stopper(args, env) as stop:
         for epoch in range(progress.epoch, args.epochs):
             loader.sampler.set_epoch(epoch)
@@ -616,9 +630,7 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
                     t0 = time.time()
                     batch = next(batches)
                     meter.t_data += time.time() - t0
-                    monitor.update(batch)  # the loader's host tensors: no device sync
-                    if check_batch is not None:
-                        check_batch(batch)
+                    meter.add_batch(batch)  # the loader's host tensors: no device sync
                     batch = to_device(batch, env.device)
                     sync = not env.ddp or micro + 1 == args.accum_steps  # gradients sync on the last micro-step
                     with nullcontext() if sync else model.no_sync(), autocast(args, env):
@@ -635,8 +647,11 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
                 meter.count += 1
                 if progress.step % args.log_every == 0 or i + 1 == steps:
                     checkpoints.check_finite()
-                    meter.log(log, env, epoch, progress.step, total_steps, lr, grad_norm, clips_per_step,
-                              bad_samples(monitor, env, checkpoints))
+                    problem = meter.log(log, env, epoch, progress.step, total_steps, lr, grad_norm, clips_per_step)
+                    if problem:
+                        checkpoints.save("last.pth")
+                        raise SystemExit(f"{problem}. Stopped after step {progress.step}, saved in "
+                                         f"{checkpoints.out / 'last.pth'}")
                 if args.save_every_steps and progress.step % args.save_every_steps == 0:
                     checkpoints.save("last.pth")
                 reason = stop(progress.step)
@@ -647,9 +662,6 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
                     return False
             progress.epoch, progress.clips = epoch + 1, 0
             checkpoints.check_finite()  # before testing or drawing a model that may be broken
-            bad, _, replaced = bad_samples(monitor, env, checkpoints)
-            if bad:
-                log(f"epoch {epoch} since the last log line{replaced}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
             checkpoints.save("last.pth")
@@ -782,8 +794,7 @@ def main(argv=None):
             log(f"wrote {path}")
 
     compute_loss = pretraining_loss_fn(cfg, args.gather_negatives and env.ddp, args.compile)
-    if train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end,
-             check_batch=lambda batch: check_masks(cfg, batch["video_mask"], batch["audio_mask"])):
+    if train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end):
         log(f"done: checkpoints in {args.output_dir}/")
     close(env)
     return raw_model

@@ -452,18 +452,6 @@ def test_bad_sample_replaced_during_training(clips, tmp_path):
         data.PretrainDataset([missing, missing], small(), max_retries=3, **SMALL)[0]
 
 
-def test_bad_sample_monitor():
-    samples = [data.Sample(f"v{i}.mp4", None, None, f"m.csv:{i + 1}") for i in range(6)]
-    monitor = data.BadSampleMonitor(samples, max_bad_fraction=0.1)
-    monitor.update({"bad": torch.tensor([0, 0, 0, 0]), "index": torch.tensor([0, 1, 2, 3])})
-    monitor.update({"bad": torch.tensor([1, 0, 0, 0]), "index": torch.tensor([4, 5, 0, 1])})
-    assert monitor.take() == (1, 9, ["m.csv:5"])
-    assert monitor.take() == (0, 0, [])
-    assert monitor.check(1, 9) is None  # 1 of 9: too few seen to judge
-    assert monitor.check(0, 4) is None  # 1 of 13
-    assert re.match(r"3 of 17 samples failed .*max_bad_fraction", monitor.check(2, 4))
-
-
 def test_finetune_items(clips, media):
     train = data.FinetuneDataset(clips, small(), train=True, **SMALL)
     item = train[2]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import (FUSION_FLOWS, SIZES, Encoder, HiCMAE, HiCMAEClassifier, authors_config, check_masks,
+from model import (FUSION_FLOWS, SIZES, Encoder, HiCMAE, HiCMAEClassifier, authors_config,
                    convert_official, count_macs, count_params, load_checkpoint, load_weights, make_config,
                    param_groups, pretrain_loss, sincos_table)
 
@@ -130,17 +130,6 @@ def test_finetuning_forward_is_one_graph(modality, switches):
     video, audio = inputs(cfg, 2)
     assert graphs_and_breaks(model, video if modality != "audio" else None,
                              audio if modality != "video" else None) == (1, 0, [])
-
-
-def test_masks_that_disagree_with_the_configuration_are_refused():
-    cfg = small_config()
-    video_mask, audio_mask = masks(cfg, 2)
-    check_masks(cfg, video_mask, audio_mask)
-    audio_mask[1, (~audio_mask[1]).nonzero()[0]] = True  # one more token hidden in the second clip
-    with pytest.raises(ValueError, match=r"audio_mask leaves \[\d+, \d+\] tokens visible.*expects \d+"):
-        check_masks(cfg, video_mask, audio_mask)
-    with pytest.raises(ValueError, match=r"video_mask has shape"):
-        check_masks(cfg, video_mask[:, 1:], masks(cfg, 2)[1])
 
 
 @pytest.mark.parametrize("modality", ["av", "video", "audio"])
