@@ -68,23 +68,12 @@ class Sample:
     row: str | None  # where the sample comes from, "train.csv:12" (None: a file named on the command line)
 
 
-def parse_root_map(pairs):
-    """["OLD=NEW", ...] -> [(OLD, NEW), ...]: path prefixes to rewrite, the first match wins."""
-    root_map = []
-    for pair in pairs:
-        old, sep, new = pair.partition("=")
-        if not sep or not old:
-            raise ValueError(f"a root map is OLD=NEW, got {pair!r}")
-        root_map.append((old, new))
-    return root_map
-
-
 def root_map_arg(pair):
-    """The argparse type of --root_map: an OLD=NEW pair as (OLD, NEW), else a usage error."""
-    try:
-        return parse_root_map([pair])[0]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    """The argparse type of --root_map: "OLD=NEW" -> (OLD, NEW), a path prefix to rewrite, else a usage error."""
+    old, sep, new = pair.partition("=")
+    if not sep or not old:
+        raise argparse.ArgumentTypeError(f"a root map is OLD=NEW, got {pair!r}")
+    return old, new
 
 
 def add_root_map(parser):

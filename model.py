@@ -654,33 +654,33 @@ def authors_config(namespace, state_dict, **overrides):
     are not saved: their model names give them by width (SIZES). `overrides` (None ignored) win."""
     args = vars(namespace)
 
-    def saved(*names, default=None):  # the first of their argument names that holds a value
+    def arg(*names, default=None):  # the first of their argument names that holds a value
         return next((args[n] for n in names if args.get(n) is not None), default)
 
-    if saved("head_activation_func") or saved("keep_temporal_dim"):
+    if arg("head_activation_func") or arg("keep_temporal_dim"):
         raise ValueError("the authors' --head_activation_func and --keep_temporal_dim are not supported")
     video = state_dict.get("encoder.patch_embed.proj.weight")
     audio = state_dict.get("encoder_audio.patch_embed.proj.weight")
     head = state_dict.get("head.weight")
     modality = "av" if video is not None and audio is not None else "video" if video is not None else "audio"
     embed = video if video is not None else audio
-    depth_video, depth_audio = saved("depth", "encoder_depth"), saved("depth_audio", "encoder_depth_audio")
+    depth_video, depth_audio = arg("depth", "encoder_depth"), arg("depth_audio", "encoder_depth_audio")
     if modality == "av" and depth_audio is not None and depth_audio != depth_video:
         raise ValueError(f"video depth {depth_video} and audio depth {depth_audio}: one depth is supported")
     tubelet = video.shape[2] if video is not None else 2
-    window = saved("window_size")  # pre-training: (frames / tubelet, rows, columns)
+    window = arg("window_size")  # pre-training: (frames / tubelet, rows, columns)
     size = next((name for name, preset in SIZES.items() if preset["dim"] == embed.shape[0]), None)
     config = dict(SIZES[size] if size else dict(heads=None),
-                  img_size=saved("input_size", default=160),
-                  num_frames=saved("num_frames", default=window[0] * tubelet if window else 16),
+                  img_size=arg("input_size", default=160),
+                  num_frames=arg("num_frames", default=window[0] * tubelet if window else 16),
                   tubelet_size=tubelet, patch_size=embed.shape[-1],
-                  audio_frames=saved("input_size_audio", default=256), mel_bins=saved("num_mel_bins", default=128),
+                  audio_frames=arg("input_size_audio", default=256), mel_bins=arg("num_mel_bins", default=128),
                   dim=embed.shape[0], depth=depth_video if video is not None else depth_audio or depth_video,
-                  fusion_depth=saved("fusion_depth", "encoder_fusion_depth", default=0) if modality == "av" else 0,
+                  fusion_depth=arg("fusion_depth", "encoder_fusion_depth", default=0) if modality == "av" else 0,
                   # a pre-trained model is fine-tuned with the layer weights (Eq. 12), so it is probed with them
                   hierarchical_fusion=head is None or any(k.endswith("layer_weights") for k in state_dict))
-    if saved("return_intermediate_features") is not None:
-        config["inter_layers"] = tuple(saved("return_intermediate_features"))
+    if arg("return_intermediate_features") is not None:
+        config["inter_layers"] = tuple(arg("return_intermediate_features"))
     config.update({k: v for k, v in overrides.items() if v is not None})
     if config["heads"] is None:
         raise ValueError(f"the number of heads of width {config['dim']} is not in the checkpoint, and the "
@@ -693,61 +693,56 @@ def authors_config(namespace, state_dict, **overrides):
 def checkpoint_config(checkpoint, **overrides):
     """(HiCMAEConfig, run) of a checkpoint, ours or the authors'. run: authors, modality, num_outputs (None: a
     pre-training checkpoint), sampling_rate, task, and the test views or, for ours, every saved argument."""
-    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if isinstance(saved, argparse.Namespace):
-        cfg, modality, num_outputs = authors_config(saved, model_state(checkpoint), **overrides)
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(args, argparse.Namespace):
+        cfg, modality, num_outputs = authors_config(args, model_state(checkpoint), **overrides)
         # --loss exists only in their regression script; their pre-training saves no sampling rate (it is 4)
         return cfg, dict(authors=True, modality=modality, num_outputs=num_outputs,
-                         task="regression" if hasattr(saved, "loss") else "classification",
-                         sampling_rate=getattr(saved, "sampling_rate", None) or 4,
-                         num_clips=getattr(saved, "test_num_segment", 2),
-                         num_crops=getattr(saved, "test_num_crop", 2))
-    if isinstance(saved, dict) and "model_config" in checkpoint:
-        run = dict(dict(modality="av", num_outputs=None, sampling_rate=4), **saved, authors=False)
+                         task="regression" if hasattr(args, "loss") else "classification",
+                         sampling_rate=getattr(args, "sampling_rate", None) or 4,
+                         num_clips=getattr(args, "test_num_segment", 2),
+                         num_crops=getattr(args, "test_num_crop", 2))
+    if isinstance(args, dict) and "model_config" in checkpoint:
+        run = dict(dict(modality="av", num_outputs=None, sampling_rate=4), **args, authors=False)
         return HiCMAEConfig(**checkpoint["model_config"]), run
     raise ValueError("neither a checkpoint of pretrain.py or finetune.py nor one of the authors'")
 
 
-def _unused_parts(model):
-    """Checkpoint weights a model may leave out: the decoders, and what a classifier does not build."""
-    if isinstance(model, HiCMAE):
-        return ()
-    parts = ["video_decoder.", "audio_decoder."]
-    parts += [name + "." for name in ("video_encoder", "audio_encoder", "fusion") if getattr(model, name) is None]
-    parts += [name for name in ("video_layer_weights", "audio_layer_weights") if not hasattr(model, name)]
-    return tuple(parts)
-
-
 def load_weights(model, state_dict, log=print):
-    """Load our or the authors' weights into HiCMAE or HiCMAEClassifier, leaving out what it does not build.
-    A head of another size stays fresh (with a message); any other mismatch is an error naming the key."""
+    """Load our or the authors' weights into HiCMAE or HiCMAEClassifier, leaving out what a classifier does not
+    build (the decoders; an encoder, the fusion or layer weights it lacks). A head of another size, and a head,
+    fc_norm or layer weights the checkpoint lacks, stay fresh, with a note to log (None: no note); any other
+    mismatch is an error naming the key."""
     if any(k.startswith(("encoder.", "encoder_audio.")) for k in state_dict):  # the authors' names
         state_dict = convert_official(state_dict)
-    own = model.state_dict()
-    unused = _unused_parts(model)
-    load = {}
+    classifier = isinstance(model, HiCMAEClassifier)
+    unused = ()
+    if classifier:
+        unused = ("video_decoder.", "audio_decoder.")
+        unused += tuple(f"{m}." for m in ("video_encoder", "audio_encoder", "fusion") if getattr(model, m) is None)
+        unused += tuple(m for m in ("video_layer_weights", "audio_layer_weights") if not hasattr(model, m))
+    log = log or (lambda message: None)
+    own, load = model.state_dict(), {}
     for key, value in state_dict.items():
+        if key not in own and key.startswith(unused):
+            continue
         if key not in own:
-            if key.startswith(unused):
-                continue
             raise KeyError(f"checkpoint weight '{key}' {tuple(value.shape)} has no place in {type(model).__name__}")
-        if own[key].shape != value.shape:
-            if key.startswith("head.") and isinstance(model, HiCMAEClassifier):
-                log(f"note: '{key}' is {tuple(value.shape)} in the checkpoint and {tuple(own[key].shape)} here: "
-                    "keeping the new, freshly initialised head")
-                continue
+        if own[key].shape == value.shape:
+            load[key] = value
+        elif classifier and key.startswith("head."):
+            log(f"note: '{key}' is {tuple(value.shape)} in the checkpoint and {tuple(own[key].shape)} here: "
+                "keeping the new, freshly initialised head")
+        else:
             raise ValueError(f"shape mismatch for '{key}': checkpoint {tuple(value.shape)}, "
                              f"model {tuple(own[key].shape)}")
-        load[key] = value
-    missing = [k for k in own if k not in load]
-    fresh = ("head.", "fc_norm.", "video_layer_weights", "audio_layer_weights")
-    unexpected = [k for k in missing if not k.startswith(fresh)]
+    fresh = [k for k in own if k not in load]
+    unexpected = [k for k in fresh if not k.startswith(("head.", "fc_norm.", "video_layer_", "audio_layer_"))]
     if unexpected:
         raise KeyError(f"{len(unexpected)} weights of the model are not in the checkpoint, e.g. {unexpected[:5]}")
     model.load_state_dict(load, strict=False)
-    if missing:
-        fresh_parts = sorted(set(k.split(".")[0] for k in missing))
-        log(f"note: initialised fresh (not in the checkpoint): {', '.join(fresh_parts)}")
+    if fresh:
+        log(f"note: initialised fresh (not in the checkpoint): {', '.join(sorted({k.split('.')[0] for k in fresh}))}")
     return model
 
 

@@ -37,14 +37,14 @@ from model import (SIZES, HiCMAE, HiCMAEConfig, configure_optimizer, load_checkp
 
 # 1. Arguments (shared with finetune.py)
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, where its help text does not say it already."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module's help as written, every flag's default after its help; not a default of None or False (a
+    value the data or the --size preset decide, a switch that is off) nor where the help says it already."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 DEMO_EPILOG = "Without --data_path the demo recipe replaces these defaults (explicit flags still win)."
@@ -244,18 +244,18 @@ def lr_at(schedule, clip, total_clips):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def plan(args, env, loader, progress, schedule, log):
-    """(schedule, clips per step, total steps). The schedule saved with a resumed run goes on as it was;
-    a fresh one is set by the run's first configuration."""
-    steps_per_epoch = len(loader.sampler) // (args.batch_size * args.accum_steps)  # a whole epoch: start is 0
+def plan(args, env, num_samples, progress, schedule, log):
+    """(schedule, clips per step, total steps) of a run over num_samples clips an epoch. The schedule saved with
+    a resumed run goes on as it was; a fresh one is set by the run's first configuration."""
+    steps_per_epoch = num_samples // env.world_size // args.batch_size // args.accum_steps  # as ResumableSampler deals
     clips_per_step = args.batch_size * args.accum_steps * env.world_size
     schedule = schedule or dict(
         lr=scaled(args, env, args.base_lr), min_lr=scaled(args, env, args.min_lr),
         warmup_lr=scaled(args, env, args.warmup_lr), clips_per_epoch=steps_per_epoch * clips_per_step,
         warmup_clips=round(args.warmup_epochs * steps_per_epoch) * clips_per_step)
-    loader.sampler.start = progress.clips
-    steps_left = (len(loader) // args.accum_steps if progress.epoch < args.epochs else 0) + \
-        max(0, args.epochs - progress.epoch - 1) * steps_per_epoch
+    steps_left = max(0, args.epochs - progress.epoch - 1) * steps_per_epoch
+    if progress.epoch < args.epochs:  # the current epoch, after the progress.clips clips already trained
+        steps_left += (num_samples - progress.clips) // env.world_size // args.batch_size // args.accum_steps
     total_steps = progress.step + steps_left
     log(f"{total_steps} steps of {clips_per_step} clips ({steps_per_epoch} per epoch; epochs count from 0, as "
         f"the checkpoint names), peak lr {schedule['lr']:.3g} = --base_lr x total batch / 256")
@@ -614,7 +614,7 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
     progress, schedule = start_state(args, env, raw_model, optimizer, scaler, log)
     if progress.step == 0 and env.master:  # a fresh run (--resume none too) starts its own log.jsonl
         log.path.unlink(missing_ok=True)
-    schedule, clips_per_step, total_steps = plan(args, env, loader, progress, schedule, log)
+    schedule, clips_per_step, total_steps = plan(args, env, len(loader.dataset), progress, schedule, log)
     checkpoints = Checkpoints(args, env, raw_model, optimizer, scaler, progress, schedule)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     meter = Meter(loader.dataset.samples, args.max_bad_fraction)
