@@ -232,10 +232,6 @@ def autocast(args, env):
 
 # 3. Learning-rate schedule: linear warm-up, then cosine, over the clips trained
 
-def scaled(args, env, value):
-    return value * args.batch_size * args.accum_steps * env.world_size / 256
-
-
 def lr_at(schedule, clip, total_clips):
     lr, min_lr, warmup_lr, warmup_clips = (schedule[k] for k in ("lr", "min_lr", "warmup_lr", "warmup_clips"))
     if clip < warmup_clips:
@@ -249,9 +245,9 @@ def plan(args, env, num_samples, progress, schedule, log):
     a resumed run goes on as it was; a fresh one is set by the run's first configuration."""
     steps_per_epoch = num_samples // env.world_size // args.batch_size // args.accum_steps  # as ResumableSampler deals
     clips_per_step = args.batch_size * args.accum_steps * env.world_size
-    schedule = schedule or dict(
-        lr=scaled(args, env, args.base_lr), min_lr=scaled(args, env, args.min_lr),
-        warmup_lr=scaled(args, env, args.warmup_lr), clips_per_epoch=steps_per_epoch * clips_per_step,
+    schedule = schedule or dict(  # the rates scaled by the total batch / 256
+        lr=args.base_lr * clips_per_step / 256, min_lr=args.min_lr * clips_per_step / 256,
+        warmup_lr=args.warmup_lr * clips_per_step / 256, clips_per_epoch=steps_per_epoch * clips_per_step,
         warmup_clips=round(args.warmup_epochs * steps_per_epoch) * clips_per_step)
     steps_left = max(0, args.epochs - progress.epoch - 1) * steps_per_epoch
     if progress.epoch < args.epochs:  # the current epoch, after the progress.clips clips already trained
@@ -299,11 +295,7 @@ def capture_rng(env):
     """Every rank's RNG states (CPU, CUDA, Python), gathered so that rank 0 can save them."""
     state = dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]),
                  cuda=torch.cuda.get_rng_state() if env.device.type == "cuda" else None)
-    if not env.ddp:
-        return [state]
-    states = [None] * env.world_size
-    dist.all_gather_object(states, state)
-    return states
+    return gather_objects(state, env)
 
 
 def restore_rng(states, env):
@@ -354,17 +346,17 @@ def start_state(args, env, raw_model, optimizer, scaler, log):
         hint = (f"to go on from the newest older checkpoint, pass --resume {kept[-1]}" if kept else
                 "no older checkpoint-EEE.pth beside it: start afresh with --resume none")
         raise SystemExit(f"cannot resume on node {reads[0][0]} (rank 0): {reads[0][1]}\n{hint}")
-    others = [f"rank {r} on {node}" for r, (node, _, saved) in enumerate(reads) if saved != reads[0][2]]
+    others = [f"rank {r} on {node}" for r, (node, _, state) in enumerate(reads) if state != reads[0][2]]
     if others:
         log(f"{', '.join(others)} could not read {path} (or found another state there): rank 0 sends its copy")
         ckpt = broadcast_object(ckpt, env)
     try:
         raw_model.load_state_dict(ckpt["model"])
     except RuntimeError:  # another model, modality or number of outputs: say which, in one line
-        saved = dict(ckpt.get("args", {}), **ckpt.get("model_config", {}))
-        now = dict(vars(args), **asdict(raw_model.cfg))
+        there = dict(ckpt.get("args", {}), **ckpt.get("model_config", {}))
+        here = dict(vars(args), **asdict(raw_model.cfg))
         keys = [*asdict(raw_model.cfg), "modality", "num_outputs"]
-        differ = ", ".join(f"{k} {saved.get(k)} there, {now.get(k)} here" for k in keys if saved.get(k) != now.get(k))
+        differ = ", ".join(f"{k} {there.get(k)} there, {here.get(k)} here" for k in keys if there.get(k) != here.get(k))
         raise SystemExit(f"{path} holds a run of another configuration ({differ}): resume it with its own flags, "
                          "or start afresh with --resume none or another --output_dir") from None
     optimizer.load_state_dict(ckpt["optimizer"])
