@@ -703,11 +703,8 @@ def write_file(path, write, what):
 def report(scores, targets, task, names=None, png=None, title=None):
     """Print every metric; for classification with png, also draw the confusion matrix (titled) there."""
     metrics = compute_metrics(scores, targets, task, names)
-    if task == "regression":
-        print(format_metrics(metrics))
-        return metrics
     print(format_metrics(metrics, names))
-    if png:
+    if png and task == "classification":
         os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
         write_file(png, lambda p: save_confusion_png(metrics["confusion"], p, names, title), "the confusion matrix")
     return metrics
@@ -737,8 +734,8 @@ def test_checkpoint(args, model, run, env, names):
     output_dir = args.output_dir or Path(args.checkpoint).parent / f"eval-{Path(args.checkpoint).stem}"
     os.makedirs(output_dir, exist_ok=True)
     write_file(os.path.join(output_dir, "predictions.csv"),
-          lambda p: write_predictions(p, [s.video for s in rows], targets, scores, run["task"], names),
-          f"{len(samples)} videos, {run['task']}, {args.num_clips} clips x {args.num_crops} crops")
+               lambda p: write_predictions(p, [s.video for s in rows], targets, scores, run["task"], names),
+               f"{len(samples)} videos, {run['task']}, {args.num_clips} clips x {args.num_crops} crops")
     if args.features:
         save_features(args.features, features)
     return report(scores, targets, run["task"], names, os.path.join(output_dir, "confusion.png"), str(args.checkpoint))
