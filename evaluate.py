@@ -208,7 +208,8 @@ def read_predictions(path):
     """(paths, targets, scores, task, names) of a predictions file, the task and the names from its header."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        rows, header = list(reader), reader.fieldnames or []
+        rows = list(reader)
+    header = reader.fieldnames or []
     task = "classification" if header[1:2] == ["target"] else "regression"
     prefix = "score_" if task == "classification" else "pred_"
     names = [c[len(prefix):] for c in header if c.startswith(prefix)]
@@ -639,7 +640,8 @@ def summarize(run_dirs):
     for kind, file_name in SUMMARY_FILES.items():
         folds = {}
         for run_dir in run_dirs:
-            path, single = os.path.join(run_dir, file_name), os.path.join(run_dir, "predictions.csv")
+            path = os.path.join(run_dir, file_name)
+            single = os.path.join(run_dir, "predictions.csv")
             if os.path.exists(single) and not any(os.path.exists(os.path.join(run_dir, name))
                                                   for name in SUMMARY_FILES.values()):
                 path = single

@@ -722,7 +722,8 @@ def load_weights(model, state_dict, log=print):
         unused += tuple(f"{m}." for m in ("video_encoder", "audio_encoder", "fusion") if getattr(model, m) is None)
         unused += tuple(m for m in ("video_layer_weights", "audio_layer_weights") if not hasattr(model, m))
     log = log or (lambda message: None)
-    own, load = model.state_dict(), {}
+    own = model.state_dict()
+    load = {}
     for key, value in state_dict.items():
         if key not in own and key.startswith(unused):
             continue

@@ -534,7 +534,8 @@ class Meter:
 
     def start_interval(self):
         self.names, self.sums, self.count, self.t_data, self.t_last = [], None, 0, 0.0, time.time()
-        self.bad, self.tried, self.rows = 0, 0, []
+        self.bad = self.tried = 0
+        self.rows = []
 
     def add_batch(self, batch):
         bad = torch.as_tensor(batch["bad"])
