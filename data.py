@@ -69,23 +69,12 @@ class Sample:
     row: str | None  # where the sample comes from, "train.csv:12" (None: a file named on the command line)
 
 
-def parse_root_map(pairs):
-    """["OLD=NEW", ...] -> [(OLD, NEW), ...]: path prefixes to rewrite, the first match wins."""
-    root_map = []
-    for pair in pairs:
-        old, sep, new = pair.partition("=")
-        if not sep or not old:
-            raise ValueError(f"a root map is OLD=NEW, got {pair!r}")
-        root_map.append((old, new))
-    return root_map
-
-
 def root_map_arg(pair):
-    """The argparse type of --root_map: an OLD=NEW pair as (OLD, NEW), else a usage error."""
-    try:
-        return parse_root_map([pair])[0]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    """The argparse type of --root_map: "OLD=NEW" -> (OLD, NEW), a path prefix to rewrite, else a usage error."""
+    old, sep, new = pair.partition("=")
+    if not sep or not old:
+        raise argparse.ArgumentTypeError(f"a root map is OLD=NEW, got {pair!r}")
+    return old, new
 
 
 def add_root_map(parser):
@@ -754,41 +743,6 @@ class FinetuneDataset(_ClipDataset):
         if sample.target is not None:  # unlabelled recordings can be tested too (single-video inference)
             item["target"] = _target_tensor(sample.target)
         return item
-
-
-class BadSampleMonitor:
-    """Counts the samples replaced during training (the items' `bad`) and their rows; check() says when more
-    than max_bad_fraction of at least 1 / max_bad_fraction samples tried, in all processes, failed."""
-
-    def __init__(self, samples, max_bad_fraction=0.01):
-        self.samples, self.max_bad_fraction = samples, max_bad_fraction
-        self.min_seen = math.ceil(1 / max_bad_fraction) if max_bad_fraction > 0 else 1
-        self.bad = self.seen = 0  # judged so far
-        self.new_bad = self.new_seen = 0  # this process's since the last take()
-        self.rows = []
-
-    def update(self, batch):
-        """A batch of the loader (host tensors: no device sync)."""
-        bad = torch.as_tensor(batch["bad"])
-        replaced = int(bad.sum())
-        self.new_bad, self.new_seen = self.new_bad + replaced, self.new_seen + len(bad) + replaced
-        if replaced:
-            self.rows += [self.samples[i].row for i in torch.as_tensor(batch["index"])[bad > 0].tolist()]
-
-    def take(self):
-        """(failed, tried, rows asked for that failed) counted since the last take()."""
-        counted = self.new_bad, self.new_seen, self.rows
-        self.new_bad, self.new_seen, self.rows = 0, 0, []
-        return counted
-
-    def check(self, bad, seen):
-        """Add every process's samples failed and tried since the last check; a message if too many failed."""
-        self.bad, self.seen = self.bad + bad, self.seen + seen
-        if self.seen >= self.min_seen and self.bad > self.max_bad_fraction * self.seen:
-            return (f"{self.bad} of {self.seen} samples failed to decode ({self.bad / self.seen:.1%}, more than "
-                    f"--max_bad_fraction {self.max_bad_fraction:.1%}); the log names them, and "
-                    f"`python data.py check MANIFEST` lists every bad row")
-        return None
 
 
 # 6. Command line: python data.py check|scan|crema-d

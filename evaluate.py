@@ -32,8 +32,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.io import write_png
 
 import data
-from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, checkpoint_config, convert_official, load_checkpoint,
-                   load_weights, model_state, reconstruction_targets)
+from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, checkpoint_config, load_checkpoint, load_weights,
+                   model_state, reconstruction_targets)
 from pretrain import HelpFormatter, add_device_args, autocast, demo_manifests, setup, to_device
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +146,11 @@ def regression_metrics(preds, targets, names=None):
     return metrics
 
 
+def metric_text(value, task="classification"):
+    """A metric as printed: classification in percent with 2 decimals, regression with 4."""
+    return f"{100 * value:.2f}%" if task == "classification" else f"{value:.4f}"
+
+
 def _table(rows):
     """Rows of cells as text: the first column left-aligned, the others right-aligned."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -158,13 +163,13 @@ def format_metrics(metrics, class_names=None):
     if "uar" not in metrics:
         names = metrics["names"]
         rows = [[""] + names + ["mean"]]
-        rows += [[key.upper()] + [f"{v:.4f}" for v in metrics[f"per_dim_{key}"] + [metrics[key]]]
+        rows += [[key.upper()] + [metric_text(v, "regression") for v in metrics[f"per_dim_{key}"] + [metrics[key]]]
                  for key in REGRESSION_KEYS]
         return "\n".join(_table(rows))
 
     names = _names(class_names, len(metrics["confusion"]))
-    lines = _table([[CLASSIFICATION_LABELS[key], f"{100 * metrics[key]:.2f}%"] for key in CLASSIFICATION_KEYS])
-    recalls = (f"{name} {100 * r:.2f}%" for name, r in zip(names, metrics["per_class_recall"]))
+    lines = _table([[CLASSIFICATION_LABELS[key], metric_text(metrics[key])] for key in CLASSIFICATION_KEYS])
+    recalls = (f"{name} {metric_text(r)}" for name, r in zip(names, metrics["per_class_recall"]))
     lines.append("per-class recall  " + "  ".join(recalls))
     lines.append("confusion (rows: true, columns: predicted)")
     rows = [[""] + names] + [[name] + [str(n) for n in counts] for name, counts in zip(names, metrics["confusion"])]
@@ -181,60 +186,48 @@ def write_predictions(path, paths, targets, scores, task, class_names=None):
     class_names name the K classes or D dimensions (default the indices)."""
     scores = _float64(scores)
     if task == "classification":
-        targets = torch.as_tensor(targets).to(torch.long)
-        target_cells = [[str(t)] for t in targets.tolist()]
-        header = ["path", "target"] + [f"score_{n}" for n in _names(class_names, scores.shape[1])]
+        target_cells = [[str(t)] for t in torch.as_tensor(targets).long().tolist()]
+        columns = ["target"] + [f"score_{n}" for n in _names(class_names, scores.shape[1])]
     elif task == "regression":
         scores, targets = scores.reshape(len(scores), -1), _float64(targets).reshape(len(scores), -1)
         target_cells = [[repr(v) for v in row] for row in targets.tolist()]
         names = _names(class_names, scores.shape[1])
-        header = ["path"] + [f"target_{n}" for n in names] + [f"pred_{n}" for n in names]
+        columns = [f"target_{n}" for n in names] + [f"pred_{n}" for n in names]
     else:
         raise ValueError(f"task is 'classification' or 'regression', got {task!r}")
     if not len(paths) == len(target_cells) == len(scores):
         raise ValueError(f"{len(paths)} paths, {len(target_cells)} targets and {len(scores)} scores")
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(header)
-        for video, cells, row in zip(paths, target_cells, scores.tolist()):
-            writer.writerow([video] + cells + [repr(v) for v in row])
-
-
-def _suffixes(columns, prefix, path):
-    """The names after prefix of header columns that must all start with it."""
-    if not all(c.startswith(prefix) for c in columns):
-        raise ValueError(f"{path}: expected columns {prefix}<name>, got {columns}")
-    return [c[len(prefix):] for c in columns]
+        writer.writerow(["path"] + columns)
+        writer.writerows([video] + cells + [repr(v) for v in row]
+                         for video, cells, row in zip(paths, target_cells, scores.tolist()))
 
 
 def read_predictions(path):
-    """(paths, targets, scores, task, names) of a predictions file, the task from its header."""
+    """(paths, targets, scores, task, names) of a predictions file, the task and the names from its header."""
     with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header, rows = next(reader, []), list(reader)
-    if header[:1] != ["path"] or len(header) < 3:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    header = reader.fieldnames or []
+    task = "classification" if header[1:2] == ["target"] else "regression"
+    prefix = "score_" if task == "classification" else "pred_"
+    names = [c[len(prefix):] for c in header if c.startswith(prefix)]
+    target_columns = ["target"] if task == "classification" else [f"target_{n}" for n in names]
+    if not names or header != ["path"] + target_columns + [prefix + n for n in names]:
         raise ValueError(f"{path}: not a predictions file (header {header})")
-    if header[1] == "target":
-        task, num_targets = "classification", 1
-        names = _suffixes(header[2:], "score_", path)
-    else:
-        task, num_targets = "regression", (len(header) - 1) // 2
-        names = _suffixes(header[1:1 + num_targets], "target_", path)
-        if _suffixes(header[1 + num_targets:], "pred_", path) != names:
-            raise ValueError(f"{path}: the target_ and pred_ columns name different dimensions")
     for line, row in enumerate(rows, start=2):
-        if len(row) != len(header):
-            raise ValueError(f"{path}:{line}: {len(row)} cells, the header has {len(header)}")
+        if None in row or None in row.values():  # where DictReader puts cells beyond the header, or missing ones
+            raise ValueError(f"{path}:{line}: not one cell per column of the header")
     try:
-        targets = [[float(v) for v in row[1:1 + num_targets]] for row in rows]
-        scores = [[float(v) for v in row[1 + num_targets:]] for row in rows]
+        targets = torch.tensor([[float(row[c]) for c in target_columns] for row in rows], dtype=torch.float64)
+        scores = torch.tensor([[float(row[prefix + n]) for n in names] for row in rows], dtype=torch.float64)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    targets = torch.tensor(targets, dtype=torch.float64).reshape(len(rows), num_targets)
-    scores = torch.tensor(scores, dtype=torch.float64).reshape(len(rows), len(names))
+    targets = targets.reshape(len(rows), len(target_columns))
     if task == "classification":
-        targets = targets[:, 0].to(torch.long)
-    return [row[0] for row in rows], targets, scores, task, names
+        targets = targets[:, 0].long()
+    return [row["path"] for row in rows], targets, scores.reshape(len(rows), len(names)), task, names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,9 +306,6 @@ def save_confusion_png(confusion, path, class_names=None, title=None):
 # ----------------------------------------------------------------------------------------------
 # 4. Multi-view testing and fine-tuned checkpoints
 
-SELECTION_KEY = {"classification": "uar", "regression": "ccc"}  # what picks best.pth in finetune.py
-
-
 def compute_metrics(scores, targets, task, names=None):
     if task == "classification":
         return classification_metrics(scores, targets)
@@ -362,21 +352,21 @@ def test_loader(samples, cfg, sampling_rate, args, modality="av"):
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
 
 
-def load_finetuned(path, device="cpu", **overrides):
-    """(model in eval mode, run) of a fine-tuned checkpoint, finetune.py's or the authors' checkpoint-best.pth;
-    run says how to test it (model.checkpoint_config); overrides (e.g. heads=4) what the file cannot say."""
-    ckpt = load_checkpoint(path)
+def load_finetuned(path, device="cpu", num_outputs=None, log=print, **overrides):
+    """(model in eval mode, run) rebuilt from a checkpoint alone, ours or the authors': a fine-tuned one with its
+    head, or any with a fresh head of num_outputs; run says how to test it (model.checkpoint_config), overrides
+    (e.g. heads=4) what the file cannot; log gets load_weights' notes."""
+    checkpoint = load_checkpoint(path)
     try:
-        cfg, run = checkpoint_config(ckpt, **overrides)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    if run["num_outputs"] is None:
-        whose = "the authors'" if run["authors"] else "a"
-        raise ValueError(f"{path}: {whose} pre-training checkpoint has no head: "
-                         "fine-tune it (finetune.py --init), or probe its encoders (evaluate.py --probe)")
-    state = convert_official(model_state(ckpt)) if run["authors"] else ckpt["model"]
-    model = HiCMAEClassifier(cfg, run["modality"], run["num_outputs"])
-    model.load_state_dict(state)
+        cfg, run = checkpoint_config(checkpoint, **overrides)
+        if run["num_outputs"] is None and num_outputs is None:
+            whose = "the authors'" if run["authors"] else "a"
+            raise ValueError(f"{whose} pre-training checkpoint has no head: fine-tune it (finetune.py --init), or "
+                             "probe its encoders (evaluate.py --probe)")
+        model = HiCMAEClassifier(cfg, run["modality"], num_outputs or run["num_outputs"])
+        load_weights(model, model_state(checkpoint), log)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{path}: {e.args[0]}") from None
     return model.to(device).eval(), run
 
 
@@ -561,12 +551,8 @@ def seed_statistics(results):
 def probe_checkpoint(args):
     """Probe --checkpoint, the same model at random initialisation and no model: print, and write --json."""
     env = setup(args)
-    ckpt = load_checkpoint(args.checkpoint)
-    state = model_state(ckpt)
-    try:
-        cfg, run = checkpoint_config(ckpt, heads=args.heads)
-    except ValueError as e:
-        raise ValueError(f"{args.checkpoint}: {e}") from None
+    model, run = load_finetuned(args.checkpoint, env.device, num_outputs=1, log=None, heads=args.heads)
+    cfg = model.cfg
     if args.data_path is None:
         args.data_path, args.test_path = demo_manifests(env)
     if args.test_path is None:
@@ -578,8 +564,7 @@ def probe_checkpoint(args):
     train_y, test_y = (torch.tensor([s.target for s in samples]) for samples in (train_samples, test_samples))
     num_classes = int(max(train_y.max(), test_y.max())) + 1 if task == "classification" else None
     loaders = [test_loader(samples, cfg, run["sampling_rate"], args) for samples in (train_samples, test_samples)]
-    quiet = [].append
-    models = [load_weights(HiCMAEClassifier(cfg, run["modality"], 1), state, log=quiet)]
+    models = [model]
     for seed in range(args.random_seeds):
         torch.manual_seed(seed)
         models.append(HiCMAEClassifier(cfg, run["modality"], 1))
@@ -589,10 +574,11 @@ def probe_checkpoint(args):
              for a, b in zip(train[:-1], test[:-1])]
     results = dict(pretrained=found[0], **dict(zip(("random", "random_sd"), seed_statistics(found[1:]))),
                    no_model=probe_all(train[-1], test[-1], train_y, test_y, task, num_classes, args, None))
-    if not run["authors"] and any(k.startswith("video_decoder.") for k in state):  # ours: decoders known
-        model = load_weights(HiCMAE(cfg), state, log=quiet).to(env.device)
-        results["pretrained"].update(reconstruction_vs_constant(
-            model, test_samples, cfg, run["sampling_rate"], args.batch_size, args.num_workers, env.device))
+    if not run["authors"] and run["num_outputs"] is None:  # our pre-training checkpoint: the decoders reconstruct
+        pretrained = load_weights(HiCMAE(cfg), model_state(load_checkpoint(args.checkpoint)), log=None)
+        results["pretrained"].update(reconstruction_vs_constant(pretrained.to(env.device), test_samples, cfg,
+                                                                run["sampling_rate"], args.batch_size,
+                                                                args.num_workers, env.device))
     results["setting"] = dict(
         checkpoint=str(args.checkpoint), train=args.data_path, test=args.test_path, train_clips=len(train_samples),
         test_clips=len(test_samples), task=task, views=f"{args.num_clips} clips x {args.num_crops} crops",
@@ -608,7 +594,9 @@ def probe_checkpoint(args):
 def format_probe(results, task):
     """The probe table: a row per figure; columns the checkpoint, random initialisation and no model."""
     pre, rnd, sd, plain, setting = (results[k] for k in ("pretrained", "random", "random_sd", "no_model", "setting"))
-    unit = (lambda v: f"{100 * v:.2f}%") if task == "classification" else (lambda v: f"{v:.4f}")
+    def unit(v):
+        return metric_text(v, task)
+
     rows = [["", "checkpoint", f"random init ({setting['random_seeds']} seeds)", "no model"]]
     names = {"linear": "linear probe", "knn": f"k-NN (k {setting['knn_k']})",
              "few": f"linear probe, {setting['labels_per_class']} labels per class"}
@@ -620,7 +608,7 @@ def format_probe(results, task):
     for key in ("a2v_top1", "a2v_top5", "v2a_top1", "v2a_top5"):
         for layer, a, b in zip(setting["inter_layers"], pre.get(key, []), rnd.get(key, [])):
             rows.append([f"retrieval {key.replace('2', '->').replace('_', ' ')} (layer {layer})",
-                         f"{100 * a:.2f}%", f"{100 * b:.2f}%", ""])
+                         metric_text(a), metric_text(b), ""])
     lines = _table(rows)
     for m in ("video", "audio"):
         if f"loss_{m}" in pre:
@@ -637,84 +625,67 @@ def format_probe(results, task):
 # 6. Summary over the folds of a cross-validation: `python evaluate.py --summarize RUN_DIR ...`
 
 SUMMARY_FILES = {"best": "predictions-best.csv", "last": "predictions-last.csv"}  # what finetune.py writes
-SUMMARY_REGRESSION_KEYS = ("pcc", "ccc", "per_dim_pcc", "per_dim_ccc")
-
-
-def summary_files(run_dir):
-    """{"best": path, "last": path} of a run folder of finetune.py; a folder of evaluate.py --checkpoint
-    (predictions.csv) gives its one file for both."""
-    paths = {kind: os.path.join(run_dir, name) for kind, name in SUMMARY_FILES.items()}
-    single = os.path.join(run_dir, "predictions.csv")
-    if not any(os.path.exists(p) for p in paths.values()) and os.path.exists(single):
-        return {kind: single for kind in paths}
-    for path in paths.values():
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: no such file (a run folder of finetune.py holds predictions-best.csv and "
-                             "predictions-last.csv; one of evaluate.py --checkpoint, predictions.csv)")
-    return paths
-
-
-def _spread(values, statistic):
-    """statistic over the folds of a metric: its values, or per dimension for a list per fold."""
-    if isinstance(values[0], list):
-        return [statistic(list(column)) for column in zip(*values)]
-    return statistic(values)
 
 
 def summarize(run_dirs):
-    """{"best": {"folds": {run_dir: metrics}, "mean": ..., "sd": ...}, "last": ...}, the scalar metrics
-    (fractions) of each folder's predictions files, their mean and sample sd (n - 1; None for one fold);
-    also the task and the dimension names."""
-    files = {run_dir: summary_files(run_dir) for run_dir in run_dirs}
+    """{"best": {"folds": {run_dir: metrics}, "mean": ..., "sd": ...}, "last": ...}, the task and the dimension
+    names: each folder's scalar metrics (fractions; regression's per dimension too) of its predictions-best.csv
+    and predictions-last.csv (a folder of evaluate.py --checkpoint: predictions.csv for both), their mean and
+    sample sd (n - 1; None for one fold)."""
+    def over_folds(statistic, values):  # per dimension where each fold has a list
+        return [statistic(list(v)) for v in zip(*values)] if isinstance(values[0], list) else statistic(values)
+
+    sd = statistics.stdev if len(run_dirs) > 1 else (lambda values: None)
     summary, tasks = {}, {}
-    for kind in SUMMARY_FILES:
+    for kind, file_name in SUMMARY_FILES.items():
         folds = {}
-        for run_dir, paths in files.items():
-            _, targets, scores, task, names = read_predictions(paths[kind])
-            tasks.setdefault((task, tuple(names) if task == "regression" else None), paths[kind])
+        for run_dir in run_dirs:
+            path = os.path.join(run_dir, file_name)
+            single = os.path.join(run_dir, "predictions.csv")
+            if os.path.exists(single) and not any(os.path.exists(os.path.join(run_dir, name))
+                                                  for name in SUMMARY_FILES.values()):
+                path = single
+            elif not os.path.isfile(path):
+                raise ValueError(f"{path}: no such file (a run folder of finetune.py holds predictions-best.csv "
+                                 "and predictions-last.csv; one of evaluate.py --checkpoint, predictions.csv)")
+            _, targets, scores, task, names = read_predictions(path)
+            tasks.setdefault((task, tuple(names) if task == "regression" else None), path)
             if len(tasks) > 1:
                 raise ValueError(f"{' and '.join(tasks.values())}: different tasks (or regression dimensions)")
             metrics = compute_metrics(scores, targets, task, names)
-            keys = CLASSIFICATION_KEYS if task == "classification" else SUMMARY_REGRESSION_KEYS
-            folds[run_dir] = {key: metrics[key] for key in keys}
-        columns = {key: [m[key] for m in folds.values()] for key in keys}
-        sd = statistics.stdev if len(folds) > 1 else (lambda v: None)
-        summary[kind] = {"folds": folds, "mean": {k: _spread(v, statistics.mean) for k, v in columns.items()},
-                         "sd": {k: _spread(v, sd) for k, v in columns.items()}}
+            folds[run_dir] = {k: v for k, v in metrics.items()
+                              if k in CLASSIFICATION_KEYS or k.removeprefix("per_dim_") in REGRESSION_KEYS}
+        columns = {k: [m[k] for m in folds.values()] for k in folds[run_dirs[0]]}
+        summary[kind] = dict(folds=folds, mean={k: over_folds(statistics.mean, v) for k, v in columns.items()},
+                             sd={k: over_folds(sd, v) for k, v in columns.items()})
     task, names = next(iter(tasks))
     return summary, task, names
 
 
-def _summary_cells(metrics, task):
-    """The values of one row of the summary table, in its columns' order."""
+def summarize_runs(run_dirs, json_path=None):
+    """Print a table per kind (best, last), a row per fold, the mean and the sd, in format_metrics' units and
+    columns; write the summary to json_path."""
+    summary, task, names = summarize(run_dirs)
+    keys = CLASSIFICATION_KEYS if task == "classification" else REGRESSION_KEYS
     if task == "classification":
-        return [metrics[key] for key in CLASSIFICATION_KEYS]
-    return [v for key in ("pcc", "ccc") for v in metrics[f"per_dim_{key}"] + [metrics[key]]]
-
-
-def format_summary(summary, task, names):
-    """A table per kind (best, last): a row per fold, the mean and the sd; classification in percent
-    with 2 decimals, regression with 4, as format_metrics."""
-    if task == "classification":
-        header = [CLASSIFICATION_LABELS[key] for key in CLASSIFICATION_KEYS]
+        header = [CLASSIFICATION_LABELS[k] for k in keys]
     else:
-        header = [f"{key.upper()} {name}" for key in ("pcc", "ccc") for name in list(names) + ["mean"]]
-    unit = (lambda v: f"{100 * v:.2f}%") if task == "classification" else (lambda v: f"{v:.4f}")
-    lines = []
+        header = [f"{key.upper()} {name}" for key in keys for name in list(names) + ["mean"]]
+
+    def cells(metrics):
+        if task == "classification":
+            values = [metrics[k] for k in keys]
+        else:
+            values = [v for key in keys for v in metrics[f"per_dim_{key}"] + [metrics[key]]]
+        return ["" if v is None else metric_text(v, task) for v in values]
+
+    print(f"{len(run_dirs)} fold{'s' if len(run_dirs) > 1 else ''}, {task}; mean and sample sd over the folds "
+          "(none for one fold)")
     for kind, file_name in SUMMARY_FILES.items():
         rows = [[f"{kind} ({file_name})"] + header]
         named = list(summary[kind]["folds"].items()) + [(stat, summary[kind][stat]) for stat in ("mean", "sd")]
-        rows += [[name] + ["" if v is None else unit(v) for v in _summary_cells(m, task)] for name, m in named]
-        lines += _table(rows) + [""]
-    return "\n".join(lines[:-1])
-
-
-def summarize_runs(run_dirs, json_path=None):
-    """Print the summary tables of run folders, and write the summary to json_path."""
-    summary, task, names = summarize(run_dirs)
-    count = len(summary["best"]["folds"])
-    print(f"{count} fold{'s' if count > 1 else ''}, {task}; mean and sample sd over the folds (none for one fold)")
-    print(format_summary(summary, task, names))
+        rows += [[name] + cells(metrics) for name, metrics in named]
+        print("\n".join(_table(rows)) + ("\n" if kind == "best" else ""))
     if json_path:
         Path(json_path).write_text(json.dumps(summary, indent=1))
         print(f"wrote {json_path}")
@@ -724,7 +695,7 @@ def summarize_runs(run_dirs, json_path=None):
 # ----------------------------------------------------------------------------------------------
 # 7. Command line
 
-def saved(path, write, what):
+def write_file(path, write, what):
     """write(path), then print where it went, saying so when it replaced an earlier file."""
     verb = "replaced" if os.path.exists(path) else "wrote"
     write(path)
@@ -734,13 +705,10 @@ def saved(path, write, what):
 def report(scores, targets, task, names=None, png=None, title=None):
     """Print every metric; for classification with png, also draw the confusion matrix (titled) there."""
     metrics = compute_metrics(scores, targets, task, names)
-    if task == "regression":
-        print(format_metrics(metrics))
-        return metrics
     print(format_metrics(metrics, names))
-    if png:
+    if png and task == "classification":
         os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
-        saved(png, lambda p: save_confusion_png(metrics["confusion"], p, names, title), "the confusion matrix")
+        write_file(png, lambda p: save_confusion_png(metrics["confusion"], p, names, title), "the confusion matrix")
     return metrics
 
 
@@ -754,7 +722,7 @@ def report_predictions(path, output_dir=None):
 
 
 def save_features(path, features):
-    saved(path, lambda p: np.save(p, features.numpy()), f"features {tuple(features.shape)}, one row per video")
+    write_file(path, lambda p: np.save(p, features.numpy()), f"features {tuple(features.shape)}, one row per video")
 
 
 def test_checkpoint(args, model, run, env, names):
@@ -767,9 +735,9 @@ def test_checkpoint(args, model, run, env, names):
     targets = torch.tensor([s.target for s in rows])
     output_dir = args.output_dir or Path(args.checkpoint).parent / f"eval-{Path(args.checkpoint).stem}"
     os.makedirs(output_dir, exist_ok=True)
-    saved(os.path.join(output_dir, "predictions.csv"),
-          lambda p: write_predictions(p, [s.video for s in rows], targets, scores, run["task"], names),
-          f"{len(samples)} videos, {run['task']}, {args.num_clips} clips x {args.num_crops} crops")
+    write_file(os.path.join(output_dir, "predictions.csv"),
+               lambda p: write_predictions(p, [s.video for s in rows], targets, scores, run["task"], names),
+               f"{len(samples)} videos, {run['task']}, {args.num_clips} clips x {args.num_crops} crops")
     if args.features:
         save_features(args.features, features)
     return report(scores, targets, run["task"], names, os.path.join(output_dir, "confusion.png"), str(args.checkpoint))

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEYS, SELECTION_KEY, compute_metrics,
-                      few_label_subsets, format_metrics, predict, write_predictions)
+from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEYS, compute_metrics, few_label_subsets,
+                      format_metrics, metric_text, predict, write_predictions)
 from model import HiCMAEClassifier, HiCMAEConfig, checkpoint_config, configure_optimizer, load_checkpoint
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
@@ -105,25 +105,18 @@ def read_data(args):
 
 # 3. Model and optimiser: layer-wise learning-rate decay (paper Sec. 4.1)
 
-def run_config(args):
-    """The flags over the --size preset; for an authors' fine-tuned --init, the flags given over its geometry."""
-    if args.init:
-        ckpt = load_checkpoint(args.init)
-        if isinstance(ckpt, dict) and "args" in ckpt:
-            cfg, run = checkpoint_config(ckpt, **{f.name: getattr(args, f.name, None) for f in fields(HiCMAEConfig)})
-            if run["authors"] and run["num_outputs"] is not None:
-                return cfg
-    return model_config(args)
-
-
-def build_model(args, cfg=None):
+def build_model(args):
+    """The classifier of the flags over the --size preset; an authors' fine-tuned --init gives its geometry (the
+    flags given still win). The weights are train()'s to load."""
+    cfg = model_config(args)
+    checkpoint = load_checkpoint(args.init) if args.init else None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace):  # the authors'
+        authors_cfg, run = checkpoint_config(checkpoint, **{f.name: getattr(args, f.name, None)
+                                                            for f in fields(HiCMAEConfig)})
+        if run["num_outputs"] is not None:
+            cfg = authors_cfg
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    return HiCMAEClassifier(cfg or run_config(args), args.modality, args.num_outputs)
-
-
-def build_optimizer(model, args, device_type):
-    """AdamW; layer id i (model.layer_id) gets layer_decay^(L-1-i) of the rate, through its group's lr_scale."""
-    return configure_optimizer(model, 0.0, args.weight_decay, tuple(args.betas), args.layer_decay, device_type)
+    return HiCMAEClassifier(cfg, args.modality, args.num_outputs)
 
 
 # 4. Mixup and cutmix on both modalities with one coefficient, as timm's Mixup in 'batch' mode (the
@@ -174,9 +167,7 @@ def finetuning_loss_fn(args):
 
 # 6. Testing after each epoch, the best checkpoint, predictions files
 
-def metric_text(value, task):
-    return f"{100 * value:.2f}%" if task == "classification" else f"{value:.4f}"
-
+SELECTION_KEY = {"classification": "uar", "regression": "ccc"}  # what picks best.pth
 
 def summary(metrics, task):
     if task == "classification":
@@ -264,7 +255,9 @@ def main(argv=None):
     if args.test_path is None:
         raise SystemExit("--test_path is required with --data_path (the model is tested after every epoch)")
     train_samples, test_samples = read_data(args)
-    cfg = run_config(args)
+    raw_model = build_model(args).to(env.device)
+    cfg = raw_model.cfg
+    torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path, mixup)
     log(f"{args.task}, {args.modality}, {args.num_outputs} outputs, {len(train_samples)} train and "
         f"{len(test_samples)} test videos; model: {cfg}")
 
@@ -273,9 +266,9 @@ def main(argv=None):
         rand_ops=args.rand_ops, rand_magnitude=args.rand_magnitude, erase_prob=args.erase_prob,
         roll_gain=args.roll_gain, freqm=args.freqm, timem=args.timem, modality=args.modality)
     loader = make_loader(train_set, args, env)
-    raw_model = build_model(args, cfg).to(env.device)
-    torch.manual_seed(args.seed + env.rank)  # then a stream of its own per rank (drop path, mixup)
-    optimizer = build_optimizer(raw_model, args, env.device.type)
+    # layer id i (model.layer_id) gets layer_decay^(L-1-i) of the learning rate
+    optimizer = configure_optimizer(raw_model, 0.0, args.weight_decay, tuple(args.betas), args.layer_decay,
+                                    env.device.type)
     tester = Tester(args, env, raw_model, test_samples, log)
 
     def on_epoch_end(epoch):

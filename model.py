@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,21 +114,9 @@ def gather_tokens(x, ids):
 
 def split_mask(mask, num_visible):
     """Mask (B, N), True = masked -> (visible ids, masked ids) in token order. num_visible comes from the
-    configuration: reading it from the mask would be a host sync (check_masks checks on the host)."""
+    configuration (data.PretrainDataset masks with it): reading it from the mask would be a host sync."""
     ids = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
     return ids[:, :num_visible], ids[:, num_visible:]
-
-
-def check_masks(cfg, video_mask, audio_mask):
-    """Raise unless every clip's masks leave cfg.num_visible tokens visible (for the loader's host tensors)."""
-    for name, mask, tokens, visible in (("video_mask", video_mask, cfg.num_video_tokens, cfg.num_visible[0]),
-                                        ("audio_mask", audio_mask, cfg.num_audio_tokens, cfg.num_visible[1])):
-        if mask.dim() != 2 or mask.shape[1] != tokens:
-            raise ValueError(f"{name} has shape {tuple(mask.shape)}, the configuration expects (batch, {tokens})")
-        counts = (~mask).sum(1)
-        if not counts.eq(visible).all():
-            raise ValueError(f"{name} leaves {counts.tolist()} tokens visible per clip, the configuration expects "
-                             f"{visible}: the data set's mask ratios or geometry differ from the model's")
 
 
 def drop_path(x, p, training):
@@ -326,7 +315,7 @@ class Decoder(nn.Module):
 # 4. Pre-training model, targets and losses
 
 class HiCMAE(nn.Module):
-    """The pre-training model; masks True = masked, leaving cfg.num_visible tokens (see check_masks)."""
+    """The pre-training model; masks True = masked, leaving cfg.num_visible tokens (data.PretrainDataset's)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -579,39 +568,21 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def _block_macs(n, c, mlp_ratio):  # qkv + proj + FFN, and the two attention matmuls
-    return n * c * c * (4 + 2 * mlp_ratio) + 2 * n * n * c
-
-
-def _cross_block_macs(n, m, c, mlp_ratio):  # a Block plus q, kv, proj and attention over m source tokens
-    return _block_macs(n, c, mlp_ratio) + 2 * n * c * c + 2 * m * c * c + 2 * n * m * c
-
-
 def count_macs(cfg, model="av", num_outputs=6):
-    """MACs of matrix products and convolutions per clip; model "av", "audio", "video" or "pretrain"."""
-    c, p, r = cfg.dim, cfg.patch_size, cfg.mlp_ratio
-    nv, na = cfg.num_video_tokens, cfg.num_audio_tokens
-    if model == "pretrain":  # the encoders see (and embed) the visible tokens only
-        nv, na = cfg.num_visible
-    embed_v, embed_a = nv * 3 * cfg.tubelet_size * p * p * c, na * p * p * c
-    video = embed_v + cfg.depth * _block_macs(nv, c, r)
-    audio = embed_a + cfg.depth * _block_macs(na, c, r)
-    fusion = cfg.fusion_depth * (_cross_block_macs(nv, na, c, r) + _cross_block_macs(na, nv, c, r))
-    if model == "video":
-        return video + c * num_outputs
-    if model == "audio":
-        return audio + c * num_outputs
-    feature = c * 2 * (2 if cfg.fusion_depth > 0 else 1)
-    if model == "av":
-        return video + audio + fusion + feature * num_outputs
-    d, skips = cfg.decoder_dim, (cfg.decoder_depth - 1 if cfg.skip_connections else 0)
-    decoders = 0
-    for n_vis, n_all, out in ((nv, cfg.num_video_tokens, 3 * cfg.tubelet_size * p * p),
-                              (na, cfg.num_audio_tokens, p * p)):
-        layer = _cross_block_macs(n_all, n_vis, d, r) if skips else _block_macs(n_all, d, r)
-        decoders += (n_vis * c * d * (1 + skips) + _block_macs(n_all, d, r) + (cfg.decoder_depth - 1) * layer
-                     + (n_all - n_vis) * d * out)
-    return video + audio + fusion + decoders
+    """Multiply-accumulates per clip of the model "av" (the classifier), "audio" or "video" (the encoder) or
+    "pretrain": torch's FlopCounterMode counts its matrix products and convolutions (2 FLOPs per MAC) on the
+    meta device, from the shapes alone."""
+    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        video = torch.zeros(1, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+        audio = torch.zeros(1, 1, cfg.audio_frames, cfg.mel_bins)
+        if model == "pretrain":
+            masks = [torch.zeros(1, n, dtype=torch.bool) for n in (cfg.num_video_tokens, cfg.num_audio_tokens)]
+            HiCMAE(cfg)(video, audio, *masks)
+        elif model == "av":
+            HiCMAEClassifier(cfg, "av", num_outputs)(video, audio)
+        else:
+            Encoder(cfg, model)(video if model == "video" else audio)
+    return counter.get_total_flops() // 2
 
 
 def size_table():
@@ -619,12 +590,13 @@ def size_table():
     lines = [f"{'size':6} {'model':14} {'params (M)':>11} {'MACs (G)':>9}"]
     for size in SIZES:
         cfg = make_config(size)
-        rows = [("audio encoder", Encoder(cfg, "audio"), "audio"),
-                ("video encoder", Encoder(cfg, "video"), "video"),
-                ("A+V, 6 classes", HiCMAEClassifier(cfg, "av", 6), "av"),
-                ("pre-training", HiCMAE(cfg), "pretrain")]
+        with torch.device("meta"):
+            rows = [("audio encoder", Encoder(cfg, "audio"), "audio"),
+                    ("video encoder", Encoder(cfg, "video"), "video"),
+                    ("A+V, 6 classes", HiCMAEClassifier(cfg, "av", 6), "av"),
+                    ("pre-training", HiCMAE(cfg), "pretrain")]
         for name, m, kind in rows:
-            lines.append(f"{size:6} {name:14} {count_params(m) / 1e6:11.2f} {count_macs(cfg, kind, 0) / 1e9:9.1f}")
+            lines.append(f"{size:6} {name:14} {count_params(m) / 1e6:11.2f} {count_macs(cfg, kind) / 1e9:9.1f}")
     return "\n".join(lines)
 
 
@@ -696,33 +668,33 @@ def authors_config(namespace, state_dict, **overrides):
     are not saved: their model names give them by width (SIZES). `overrides` (None ignored) win."""
     args = vars(namespace)
 
-    def saved(*names, default=None):  # the first of their argument names that holds a value
+    def arg(*names, default=None):  # the first of their argument names that holds a value
         return next((args[n] for n in names if args.get(n) is not None), default)
 
-    if saved("head_activation_func") or saved("keep_temporal_dim"):
+    if arg("head_activation_func") or arg("keep_temporal_dim"):
         raise ValueError("the authors' --head_activation_func and --keep_temporal_dim are not supported")
     video = state_dict.get("encoder.patch_embed.proj.weight")
     audio = state_dict.get("encoder_audio.patch_embed.proj.weight")
     head = state_dict.get("head.weight")
     modality = "av" if video is not None and audio is not None else "video" if video is not None else "audio"
     embed = video if video is not None else audio
-    depth_video, depth_audio = saved("depth", "encoder_depth"), saved("depth_audio", "encoder_depth_audio")
+    depth_video, depth_audio = arg("depth", "encoder_depth"), arg("depth_audio", "encoder_depth_audio")
     if modality == "av" and depth_audio is not None and depth_audio != depth_video:
         raise ValueError(f"video depth {depth_video} and audio depth {depth_audio}: one depth is supported")
     tubelet = video.shape[2] if video is not None else 2
-    window = saved("window_size")  # pre-training: (frames / tubelet, rows, columns)
+    window = arg("window_size")  # pre-training: (frames / tubelet, rows, columns)
     size = next((name for name, preset in SIZES.items() if preset["dim"] == embed.shape[0]), None)
     config = dict(SIZES[size] if size else dict(heads=None),
-                  img_size=saved("input_size", default=160),
-                  num_frames=saved("num_frames", default=window[0] * tubelet if window else 16),
+                  img_size=arg("input_size", default=160),
+                  num_frames=arg("num_frames", default=window[0] * tubelet if window else 16),
                   tubelet_size=tubelet, patch_size=embed.shape[-1],
-                  audio_frames=saved("input_size_audio", default=256), mel_bins=saved("num_mel_bins", default=128),
+                  audio_frames=arg("input_size_audio", default=256), mel_bins=arg("num_mel_bins", default=128),
                   dim=embed.shape[0], depth=depth_video if video is not None else depth_audio or depth_video,
-                  fusion_depth=saved("fusion_depth", "encoder_fusion_depth", default=0) if modality == "av" else 0,
+                  fusion_depth=arg("fusion_depth", "encoder_fusion_depth", default=0) if modality == "av" else 0,
                   # a pre-trained model is fine-tuned with the layer weights (Eq. 12), so it is probed with them
                   hierarchical_fusion=head is None or any(k.endswith("layer_weights") for k in state_dict))
-    if saved("return_intermediate_features") is not None:
-        config["inter_layers"] = tuple(saved("return_intermediate_features"))
+    if arg("return_intermediate_features") is not None:
+        config["inter_layers"] = tuple(arg("return_intermediate_features"))
     config.update({k: v for k, v in overrides.items() if v is not None})
     if config["heads"] is None:
         raise ValueError(f"the number of heads of width {config['dim']} is not in the checkpoint, and the "
@@ -735,61 +707,57 @@ def authors_config(namespace, state_dict, **overrides):
 def checkpoint_config(checkpoint, **overrides):
     """(HiCMAEConfig, run) of a checkpoint, ours or the authors'. run: authors, modality, num_outputs (None: a
     pre-training checkpoint), sampling_rate, task, and the test views or, for ours, every saved argument."""
-    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if isinstance(saved, argparse.Namespace):
-        cfg, modality, num_outputs = authors_config(saved, model_state(checkpoint), **overrides)
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(args, argparse.Namespace):
+        cfg, modality, num_outputs = authors_config(args, model_state(checkpoint), **overrides)
         # --loss exists only in their regression script; their pre-training saves no sampling rate (it is 4)
         return cfg, dict(authors=True, modality=modality, num_outputs=num_outputs,
-                         task="regression" if hasattr(saved, "loss") else "classification",
-                         sampling_rate=getattr(saved, "sampling_rate", None) or 4,
-                         num_clips=getattr(saved, "test_num_segment", 2),
-                         num_crops=getattr(saved, "test_num_crop", 2))
-    if isinstance(saved, dict) and "model_config" in checkpoint:
-        run = dict(dict(modality="av", num_outputs=None, sampling_rate=4), **saved, authors=False)
+                         task="regression" if hasattr(args, "loss") else "classification",
+                         sampling_rate=getattr(args, "sampling_rate", None) or 4,
+                         num_clips=getattr(args, "test_num_segment", 2),
+                         num_crops=getattr(args, "test_num_crop", 2))
+    if isinstance(args, dict) and "model_config" in checkpoint:
+        run = dict(dict(modality="av", num_outputs=None, sampling_rate=4), **args, authors=False)
         return HiCMAEConfig(**checkpoint["model_config"]), run
     raise ValueError("neither a checkpoint of pretrain.py or finetune.py nor one of the authors'")
 
 
-def _unused_parts(model):
-    """Checkpoint weights a model may leave out: the decoders, and what a classifier does not build."""
-    if isinstance(model, HiCMAE):
-        return ()
-    parts = ["video_decoder.", "audio_decoder."]
-    parts += [name + "." for name in ("video_encoder", "audio_encoder", "fusion") if getattr(model, name) is None]
-    parts += [name for name in ("video_layer_weights", "audio_layer_weights") if not hasattr(model, name)]
-    return tuple(parts)
-
-
 def load_weights(model, state_dict, log=print):
-    """Load our or the authors' weights into HiCMAE or HiCMAEClassifier, leaving out what it does not build.
-    A head of another size stays fresh (with a message); any other mismatch is an error naming the key."""
+    """Load our or the authors' weights into HiCMAE or HiCMAEClassifier, leaving out what a classifier does not
+    build (the decoders; an encoder, the fusion or layer weights it lacks). A head of another size, and a head,
+    fc_norm or layer weights the checkpoint lacks, stay fresh, with a note to log (None: no note); any other
+    mismatch is an error naming the key."""
     if any(k.startswith(("encoder.", "encoder_audio.")) for k in state_dict):  # the authors' names
         state_dict = convert_official(state_dict)
+    classifier = isinstance(model, HiCMAEClassifier)
+    unused = ()
+    if classifier:
+        unused = ("video_decoder.", "audio_decoder.")
+        unused += tuple(f"{m}." for m in ("video_encoder", "audio_encoder", "fusion") if getattr(model, m) is None)
+        unused += tuple(m for m in ("video_layer_weights", "audio_layer_weights") if not hasattr(model, m))
+    log = log or (lambda message: None)
     own = model.state_dict()
-    unused = _unused_parts(model)
     load = {}
     for key, value in state_dict.items():
+        if key not in own and key.startswith(unused):
+            continue
         if key not in own:
-            if key.startswith(unused):
-                continue
             raise KeyError(f"checkpoint weight '{key}' {tuple(value.shape)} has no place in {type(model).__name__}")
-        if own[key].shape != value.shape:
-            if key.startswith("head.") and isinstance(model, HiCMAEClassifier):
-                log(f"note: '{key}' is {tuple(value.shape)} in the checkpoint and {tuple(own[key].shape)} here: "
-                    "keeping the new, freshly initialised head")
-                continue
+        if own[key].shape == value.shape:
+            load[key] = value
+        elif classifier and key.startswith("head."):
+            log(f"note: '{key}' is {tuple(value.shape)} in the checkpoint and {tuple(own[key].shape)} here: "
+                "keeping the new, freshly initialised head")
+        else:
             raise ValueError(f"shape mismatch for '{key}': checkpoint {tuple(value.shape)}, "
                              f"model {tuple(own[key].shape)}")
-        load[key] = value
-    missing = [k for k in own if k not in load]
-    fresh = ("head.", "fc_norm.", "video_layer_weights", "audio_layer_weights")
-    unexpected = [k for k in missing if not k.startswith(fresh)]
+    fresh = [k for k in own if k not in load]
+    unexpected = [k for k in fresh if not k.startswith(("head.", "fc_norm.", "video_layer_", "audio_layer_"))]
     if unexpected:
         raise KeyError(f"{len(unexpected)} weights of the model are not in the checkpoint, e.g. {unexpected[:5]}")
     model.load_state_dict(load, strict=False)
-    if missing:
-        fresh_parts = sorted(set(k.split(".")[0] for k in missing))
-        log(f"note: initialised fresh (not in the checkpoint): {', '.join(fresh_parts)}")
+    if fresh:
+        log(f"note: initialised fresh (not in the checkpoint): {', '.join(sorted({k.split('.')[0] for k in fresh}))}")
     return model
 
 

@@ -30,21 +30,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 
 import data
-from model import (SIZES, HiCMAE, HiCMAEConfig, check_masks, configure_optimizer, load_checkpoint, load_weights,
+from model import (SIZES, HiCMAE, HiCMAEConfig, configure_optimizer, load_checkpoint, load_weights,
                    make_config, model_state, patchify_audio, patchify_video, pretrain_loss, to_pixels, unpatchify_audio,
                    unpatchify_video)
 
 
 # 1. Arguments (shared with finetune.py)
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default, where its help text does not say it already."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module's help as written, every flag's default after its help; not a default of None or False (a
+    value the data or the --size preset decide, a switch that is off) nor where the help says it already."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 DEMO_EPILOG = "Without --data_path the demo recipe replaces these defaults (explicit flags still win)."
@@ -232,10 +232,6 @@ def autocast(args, env):
 
 # 3. Learning-rate schedule: linear warm-up, then cosine, over the clips trained
 
-def scaled(args, env, value):
-    return value * args.batch_size * args.accum_steps * env.world_size / 256
-
-
 def lr_at(schedule, clip, total_clips):
     lr, min_lr, warmup_lr, warmup_clips = (schedule[k] for k in ("lr", "min_lr", "warmup_lr", "warmup_clips"))
     if clip < warmup_clips:
@@ -244,18 +240,18 @@ def lr_at(schedule, clip, total_clips):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def plan(args, env, loader, progress, schedule, log):
-    """(schedule, clips per step, total steps). The schedule saved with a resumed run goes on as it was;
-    a fresh one is set by the run's first configuration."""
-    steps_per_epoch = len(loader.sampler) // (args.batch_size * args.accum_steps)  # a whole epoch: start is 0
+def plan(args, env, num_samples, progress, schedule, log):
+    """(schedule, clips per step, total steps) of a run over num_samples clips an epoch. The schedule saved with
+    a resumed run goes on as it was; a fresh one is set by the run's first configuration."""
+    steps_per_epoch = num_samples // env.world_size // args.batch_size // args.accum_steps  # as ResumableSampler deals
     clips_per_step = args.batch_size * args.accum_steps * env.world_size
-    schedule = schedule or dict(
-        lr=scaled(args, env, args.base_lr), min_lr=scaled(args, env, args.min_lr),
-        warmup_lr=scaled(args, env, args.warmup_lr), clips_per_epoch=steps_per_epoch * clips_per_step,
+    schedule = schedule or dict(  # the rates scaled by the total batch / 256
+        lr=args.base_lr * clips_per_step / 256, min_lr=args.min_lr * clips_per_step / 256,
+        warmup_lr=args.warmup_lr * clips_per_step / 256, clips_per_epoch=steps_per_epoch * clips_per_step,
         warmup_clips=round(args.warmup_epochs * steps_per_epoch) * clips_per_step)
-    loader.sampler.start = progress.clips
-    steps_left = (len(loader) // args.accum_steps if progress.epoch < args.epochs else 0) + \
-        max(0, args.epochs - progress.epoch - 1) * steps_per_epoch
+    steps_left = max(0, args.epochs - progress.epoch - 1) * steps_per_epoch
+    if progress.epoch < args.epochs:  # the current epoch, after the progress.clips clips already trained
+        steps_left += (num_samples - progress.clips) // env.world_size // args.batch_size // args.accum_steps
     total_steps = progress.step + steps_left
     log(f"{total_steps} steps of {clips_per_step} clips ({steps_per_epoch} per epoch; epochs count from 0, as "
         f"the checkpoint names), peak lr {schedule['lr']:.3g} = --base_lr x total batch / 256")
@@ -299,11 +295,7 @@ def capture_rng(env):
     """Every rank's RNG states (CPU, CUDA, Python), gathered so that rank 0 can save them."""
     state = dict(torch=torch.get_rng_state(), python=list(random.getstate()[1]),
                  cuda=torch.cuda.get_rng_state() if env.device.type == "cuda" else None)
-    if not env.ddp:
-        return [state]
-    states = [None] * env.world_size
-    dist.all_gather_object(states, state)
-    return states
+    return gather_objects(state, env)
 
 
 def restore_rng(states, env):
@@ -354,17 +346,17 @@ def start_state(args, env, raw_model, optimizer, scaler, log):
         hint = (f"to go on from the newest older checkpoint, pass --resume {kept[-1]}" if kept else
                 "no older checkpoint-EEE.pth beside it: start afresh with --resume none")
         raise SystemExit(f"cannot resume on node {reads[0][0]} (rank 0): {reads[0][1]}\n{hint}")
-    others = [f"rank {r} on {node}" for r, (node, _, saved) in enumerate(reads) if saved != reads[0][2]]
+    others = [f"rank {r} on {node}" for r, (node, _, state) in enumerate(reads) if state != reads[0][2]]
     if others:
         log(f"{', '.join(others)} could not read {path} (or found another state there): rank 0 sends its copy")
         ckpt = broadcast_object(ckpt, env)
     try:
         raw_model.load_state_dict(ckpt["model"])
     except RuntimeError:  # another model, modality or number of outputs: say which, in one line
-        saved = dict(ckpt.get("args", {}), **ckpt.get("model_config", {}))
-        now = dict(vars(args), **asdict(raw_model.cfg))
+        there = dict(ckpt.get("args", {}), **ckpt.get("model_config", {}))
+        here = dict(vars(args), **asdict(raw_model.cfg))
         keys = [*asdict(raw_model.cfg), "modality", "num_outputs"]
-        differ = ", ".join(f"{k} {saved.get(k)} there, {now.get(k)} here" for k in keys if saved.get(k) != now.get(k))
+        differ = ", ".join(f"{k} {there.get(k)} there, {here.get(k)} here" for k in keys if there.get(k) != here.get(k))
         raise SystemExit(f"{path} holds a run of another configuration ({differ}): resume it with its own flags, "
                          "or start afresh with --resume none or another --output_dir") from None
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -496,23 +488,6 @@ class Checkpoints:
             raise SystemExit(error)
 
 
-def bad_samples(monitor, env, checkpoints):
-    """(replaced, rows, text for the log line) of every rank since the last call; too many: save and stop."""
-    bad, seen, rows = monitor.take()
-    if env.ddp:
-        counts = torch.tensor([bad, seen])
-        dist.all_reduce(counts, group=env.control)
-        bad, seen = counts.tolist()
-        rows = sum(gather_objects(rows, env), []) if bad else []
-    problem = monitor.check(bad, seen)
-    if problem:
-        checkpoints.save("last.pth")
-        raise SystemExit(f"{problem}. Stopped after step {checkpoints.progress.step}, "
-                         f"saved in {checkpoints.out / 'last.pth'}")
-    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-    return bad, rows, f" | {bad} bad samples replaced: {', '.join(rows[:5])}{more}" if bad else ""
-
-
 class Stopper:
     """Why to stop after a step, agreed by every rank: --stop_at_step, SIGTERM or SIGUSR1 (noted by the
     handlers this context installs), or --time_limit near (two of the longest steps to spare)."""
@@ -548,22 +523,46 @@ class Stopper:
 
 
 class Meter:
-    """The loss parts since the last log line, summed on the device, and the time waiting for data."""
+    """What a log line reports since the last one: the loss parts summed on the device, the time waiting for
+    data, and the samples replaced (the items' `bad`) with their rows, counted from the loader's host batches.
+    log() says why to stop once more than max_bad_fraction of the run's samples tried (at least
+    1 / max_bad_fraction of them, in all processes) failed."""
 
-    def __init__(self):
+    def __init__(self, samples, max_bad_fraction):
+        self.samples, self.max_bad_fraction = samples, max_bad_fraction
+        self.min_tried = math.ceil(1 / max_bad_fraction) if max_bad_fraction > 0 else 1
+        self.run_bad = self.run_tried = 0
+        self.start_interval()
+
+    def start_interval(self):
         self.names, self.sums, self.count, self.t_data, self.t_last = [], None, 0, 0.0, time.time()
+        self.bad = self.tried = 0
+        self.rows = []
+
+    def add_batch(self, batch):
+        bad = torch.as_tensor(batch["bad"])
+        replaced = int(bad.sum())
+        self.bad += replaced
+        self.tried += len(bad) + replaced
+        if replaced:
+            self.rows += [self.samples[i].row for i in torch.as_tensor(batch["index"])[bad > 0].tolist()]
 
     def add(self, parts, accum_steps):
         self.names = ["loss"] + [k for k in parts if k != "loss"]
         now = torch.stack([parts[k].detach().float() for k in self.names]) / accum_steps
         self.sums = now if self.sums is None else self.sums + now
 
-    def log(self, log, env, epoch, step, total_steps, lr, grad_norm, clips_per_step, bad_samples):
-        bad, rows, replaced = bad_samples
+    def log(self, log, env, epoch, step, total_steps, lr, grad_norm, clips_per_step):
+        """Write the line (rank 0) and start the next interval; returns why the run must stop, or None."""
         means = self.sums / self.count
-        if env.ddp:  # the mean over the ranks
+        counts = torch.tensor([self.bad, self.tried])
+        rows = self.rows
+        if env.ddp:  # the mean over the ranks, every rank's replaced samples
             dist.all_reduce(means)
             means /= env.world_size
+            dist.all_reduce(counts, group=env.control)
+            rows = sum(gather_objects(rows, env), []) if counts[0] else []
+        bad, tried = counts.tolist()
         means = dict(zip(self.names, means.tolist()))
         elapsed = time.time() - self.t_last
         values = dict(epoch=epoch, step=step, **means, lr=lr, grad_norm=grad_norm.item(),
@@ -571,11 +570,20 @@ class Meter:
                       eta_s=(total_steps - step) * elapsed / self.count, peak_mem_mb=peak_memory_mb(env.device),
                       bad_samples=bad, bad_rows=rows)
         losses = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        replaced = f" | {bad} bad samples replaced: {', '.join(rows[:5])}{more}" if bad else ""
         log.record(values, f"epoch {epoch} step {step}/{total_steps} | {losses} | "
                            f"lr {lr:.2e} grad {values['grad_norm']:.3f} | "
                            f"{values['samples_per_s']:.1f} clips/s, data wait {values['data_wait']:.0%}, "
                            f"eta {values['eta_s'] / 60:.1f} min, peak mem {values['peak_mem_mb']:.0f} MB{replaced}")
-        self.sums, self.count, self.t_data, self.t_last = None, 0, 0.0, time.time()
+        self.start_interval()
+        self.run_bad += bad
+        self.run_tried += tried
+        if self.run_tried >= self.min_tried and self.run_bad > self.max_bad_fraction * self.run_tried:
+            return (f"{self.run_bad} of {self.run_tried} samples failed to decode ({self.run_bad / self.run_tried:.1%}"
+                    f", more than --max_bad_fraction {self.max_bad_fraction:.1%}); the log names them, and "
+                    "`python data.py check MANIFEST` lists every bad row")
+        return None
 
 
 def optimizer_step(optimizer, scaler, params, lr, clip_grad):
@@ -641,11 +649,10 @@ class GraphedStep:
         return self.outputs
 
 
-def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=None, check_batch=None,
-          cuda_graph=False):
+def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=None, cuda_graph=False):
     """Run the epochs: True once all are done, False if stopped early (last.pth saved). compute_loss(model,
-    batch) -> dict of scalar tensors with 'loss'; check_batch(batch) checks a host batch; on_epoch_end(epoch)
-    runs before the epoch's checkpoints. Between logging steps nothing is read from the device."""
+    batch) -> dict of scalar tensors with 'loss'; on_epoch_end(epoch) runs before the epoch's checkpoints.
+    Between logging steps nothing is read from the device."""
     scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
     model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
     if env.ddp:  # freed when train returns, before close() ends its process group
@@ -653,12 +660,11 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
     progress, schedule = start_state(args, env, raw_model, optimizer, scaler, log)
     if progress.step == 0 and env.master:  # a fresh run (--resume none too) starts its own log.jsonl
         log.path.unlink(missing_ok=True)
-    schedule, clips_per_step, total_steps = plan(args, env, loader, progress, schedule, log)
+    schedule, clips_per_step, total_steps = plan(args, env, len(loader.dataset), progress, schedule, log)
     checkpoints = Checkpoints(args, env, raw_model, optimizer, scaler, progress, schedule)
-    monitor = data.BadSampleMonitor(loader.dataset.samples, args.max_bad_fraction)
     params = [p for p in raw_model.parameters() if p.requires_grad]
+    meter = Meter(loader.dataset.samples, args.max_bad_fraction)
     graphed = GraphedStep(args, env, model, optimizer, compute_loss, params) if cuda_graph else None
-    meter = Meter()
     with Stopper(args, env) as stop:
         for epoch in range(progress.epoch, args.epochs):
             loader.sampler.set_epoch(epoch)
@@ -673,9 +679,7 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
                     t0 = time.time()
                     batch = next(batches)
                     meter.t_data += time.time() - t0
-                    monitor.update(batch)  # the loader's host tensors: no device sync
-                    if check_batch is not None:
-                        check_batch(batch)
+                    meter.add_batch(batch)  # the loader's host tensors: no device sync
                     if graphed is not None:  # one micro-step, the optimiser's step included
                         parts, grad_norm = graphed(batch, lr)
                     else:
@@ -694,8 +698,11 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
                 meter.count += 1
                 if progress.step % args.log_every == 0 or i + 1 == steps:
                     checkpoints.check_finite()
-                    meter.log(log, env, epoch, progress.step, total_steps, lr, grad_norm, clips_per_step,
-                              bad_samples(monitor, env, checkpoints))
+                    problem = meter.log(log, env, epoch, progress.step, total_steps, lr, grad_norm, clips_per_step)
+                    if problem:
+                        checkpoints.save("last.pth")
+                        raise SystemExit(f"{problem}. Stopped after step {progress.step}, saved in "
+                                         f"{checkpoints.out / 'last.pth'}")
                 if args.save_every_steps and progress.step % args.save_every_steps == 0:
                     checkpoints.save("last.pth")
                 reason = stop(progress.step)
@@ -706,9 +713,6 @@ def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_e
                     return False
             progress.epoch, progress.clips = epoch + 1, 0
             checkpoints.check_finite()  # before testing or drawing a model that may be broken
-            bad, _, replaced = bad_samples(monitor, env, checkpoints)
-            if bad:
-                log(f"epoch {epoch} since the last log line{replaced}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
             checkpoints.save("last.pth")
@@ -855,9 +859,7 @@ def main(argv=None):
             log(f"wrote {path}")
 
     compute_loss = pretraining_loss_fn(cfg, args.gather_negatives and env.ddp, args.compile)
-    if train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end,
-             check_batch=lambda batch: check_masks(cfg, batch["video_mask"], batch["audio_mask"]),
-             cuda_graph=args.cuda_graph):
+    if train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end, cuda_graph=args.cuda_graph):
         log(f"done: checkpoints in {args.output_dir}/")
     close(env)
     return raw_model

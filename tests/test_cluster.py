@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import data
 import finetune
 import pretrain
 from model import load_checkpoint
@@ -258,6 +259,28 @@ def test_a_run_stopped_by_max_bad_fraction_saves_its_state_first(with_bad_rows, 
                        "0.1", "--output_dir", str(out)])
     step = int(re.search(r"Stopped after step (\d+)", str(stop.value)).group(1))
     assert load_checkpoint(out / "last.pth")["progress"]["step"] == step
+
+
+def test_the_share_of_bad_samples_is_judged_over_the_run_once_enough_were_tried(tmp_path):
+    """--max_bad_fraction 0.1: no verdict before 10 samples are tried; a replaced sample counts as tried too."""
+    samples = [data.Sample(f"v{i}.mp4", None, None, f"m.csv:{i + 1}") for i in range(6)]
+    meter = pretrain.Meter(samples, max_bad_fraction=0.1)
+    env, log = pretrain.Env(0, 0, 1, torch.device("cpu"), False), pretrain.Logger(tmp_path, True)
+
+    def interval(*batches):  # batches of (bad, index); returns the verdict and the interval's log.jsonl record
+        for bad, index in batches:
+            meter.add_batch({"bad": torch.tensor(bad), "index": torch.tensor(index)})
+        meter.add({"loss": torch.tensor(1.0)}, 1)
+        meter.count = 1
+        verdict = meter.log(log, env, 0, 1, 1, 0.0, torch.tensor(0.0), len(batches[0][0]))
+        return verdict, logged(tmp_path)[-1]
+
+    verdict, record = interval(([0, 0, 0, 0], [0, 1, 2, 3]), ([1, 0, 0, 0], [4, 5, 0, 1]))
+    assert verdict is None and (record["bad_samples"], record["bad_rows"]) == (1, ["m.csv:5"])  # 1 of 9 tried
+    verdict, record = interval(([0, 0, 0, 0], [2, 3, 4, 5]))
+    assert verdict is None and (record["bad_samples"], record["bad_rows"]) == (0, [])  # 1 of 13
+    verdict, _ = interval(([2, 0], [0, 1]))
+    assert re.match(r"3 of 17 samples failed .*max_bad_fraction", verdict)
 
 
 def test_a_bad_output_dir_stops_in_one_line_before_any_work(tmp_path):

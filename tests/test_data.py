@@ -4,6 +4,7 @@ Media are real files written in the tests (tests/conftest.py); every video frame
 index, so the tests check which frames were read.
 """
 
+import argparse
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -241,7 +242,7 @@ def test_read_manifest_root_map_and_labels(tmp_path):
     manifest.write_text("/share/home/old/faces/a /share/home/old/audio/a.wav 3\n"
                         "\n# a comment\n"
                         "rel/b /audio/b.wav 0\n")
-    root_map = data.parse_root_map(["/share/home/old=/data/new", "/audio=/mnt/audio"])
+    root_map = [data.root_map_arg(pair) for pair in ("/share/home/old=/data/new", "/audio=/mnt/audio")]
     a, b = data.read_manifest(manifest, root_map, "classification")
     assert (a.video, a.audio, a.target, a.row) == ("/data/new/faces/a", "/data/new/audio/a.wav", 3, f"{manifest}:1")
     assert (b.video, b.audio, b.target, b.row) == (str(tmp_path / "rel/b"), "/mnt/audio/b.wav", 0, f"{manifest}:4")
@@ -266,8 +267,8 @@ def test_read_manifest_root_map_and_labels(tmp_path):
     manifest.write_text("/v/a.mp4 /a/a.wav 1 2\n/v/b.mp4 /a/b.wav 1\n")
     with pytest.raises(DataError, match=r":2: 1 regression targets, earlier rows have 2"):
         data.read_manifest(manifest, task="regression")
-    with pytest.raises(ValueError, match="OLD=NEW"):
-        data.parse_root_map(["/no/equals/sign"])
+    with pytest.raises(argparse.ArgumentTypeError, match="OLD=NEW"):
+        data.root_map_arg("/no/equals/sign")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,18 +451,6 @@ def test_bad_sample_replaced_during_training(clips, tmp_path):
         data.PretrainDataset([clips[0], missing], small(), strict=True, **SMALL)[1]
     with pytest.warns(UserWarning), pytest.raises(DataError, match="4 bad samples in a row"):
         data.PretrainDataset([missing, missing], small(), max_retries=3, **SMALL)[0]
-
-
-def test_bad_sample_monitor():
-    samples = [data.Sample(f"v{i}.mp4", None, None, f"m.csv:{i + 1}") for i in range(6)]
-    monitor = data.BadSampleMonitor(samples, max_bad_fraction=0.1)
-    monitor.update({"bad": torch.tensor([0, 0, 0, 0]), "index": torch.tensor([0, 1, 2, 3])})
-    monitor.update({"bad": torch.tensor([1, 0, 0, 0]), "index": torch.tensor([4, 5, 0, 1])})
-    assert monitor.take() == (1, 9, ["m.csv:5"])
-    assert monitor.take() == (0, 0, [])
-    assert monitor.check(1, 9) is None  # 1 of 9: too few seen to judge
-    assert monitor.check(0, 4) is None  # 1 of 13
-    assert re.match(r"3 of 17 samples failed .*max_bad_fraction", monitor.check(2, 4))
 
 
 def test_finetune_items(clips, media):

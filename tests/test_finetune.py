@@ -19,7 +19,7 @@ import data
 import evaluate
 import finetune
 import pretrain
-from model import load_checkpoint
+from model import configure_optimizer, load_checkpoint
 from tools.demo_data import DEMO_CLASSES, write_demo
 
 TINY = ["--size", "tiny", "--img_size", "32", "--num_frames", "4", "--sampling_rate", "2", "--audio_frames", "32",
@@ -147,7 +147,7 @@ def expected_layer_id(name):
 def test_layer_decay_groups():
     args = args_for(*TINY)
     model = finetune.build_model(args)
-    optimizer = finetune.build_optimizer(model, args, "cpu")
+    optimizer = configure_optimizer(model, 0.0, args.weight_decay, tuple(args.betas), args.layer_decay)  # as main
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     names = [name for name, _ in model.named_parameters()]
     assert len(group_of) == len(names)
@@ -308,7 +308,7 @@ def test_a_pretraining_checkpoint_initialises_fine_tuning(demo, tmp_path, capsys
     encoders = [k for k in ft if k.startswith(("video_encoder.", "audio_encoder.", "fusion."))]
     assert encoders and all(torch.equal(ft[k], pre[k]) for k in encoders)
     model, _ = evaluate.load_finetuned(str(tmp_path / "ft" / "last.pth"))  # the fine-tuned checkpoint rebuilds
-    assert model.cfg == finetune.run_config(args_for(*TINY))
+    assert model.cfg == finetune.build_model(args_for(*TINY)).cfg
 
 
 def test_labels_per_class_keeps_that_many_clips_of_each_class(demo):
@@ -355,7 +355,7 @@ def test_one_modality_models_need_only_their_stream(media, tmp_path, capsys):
     assert found[2] == found[3]  # the same recording, as --audio or as --video
     args = args_for(*TINY, "--modality", "video", "--output_dir", str(tmp_path))  # fine-tuning on silent videos
     rows = [data.Sample(silent, silent, 0, "m:1")]
-    train_set = data.FinetuneDataset(rows, finetune.run_config(args), train=True, sampling_rate=args.sampling_rate,
+    train_set = data.FinetuneDataset(rows, finetune.build_model(args).cfg, train=True, sampling_rate=args.sampling_rate,
                                      modality="video")
     assert train_set[0]["video"].shape == (3, 4, 32, 32)
     tester = finetune.Tester(args, pretrain.Env(0, 0, 1, torch.device("cpu"), False), finetune.build_model(args), rows,

@@ -230,16 +230,18 @@ def test_summary_of_regression_folds(tmp_path, capsys):
         write_regression(run / "predictions-best.csv", preds)
         write_regression(run / "predictions-last.csv", preds)
         pairs = [pcc_ccc(preds[:, d], REG_TARGETS[:, d]) for d in range(2)]
-        per_run.append(dict(per_dim_pcc=[a for a, _ in pairs], per_dim_ccc=[b for _, b in pairs]))
+        per_run.append(dict(per_dim_pcc=[a for a, _ in pairs], per_dim_ccc=[b for _, b in pairs],
+                            per_dim_mse=list(((preds - REG_TARGETS) ** 2).mean(0))))
     out = tmp_path / "summary.json"
     evaluate.main(["--summarize"] + [str(r) for r in runs] + ["--json", str(out)])
     summary, rows = json.loads(out.read_text())["best"], table_rows(capsys.readouterr().out, "best")
     for run, expected in zip(runs, per_run):
         got = summary["folds"][str(run)]
-        for key in ("pcc", "ccc"):
+        for key in ("pcc", "ccc", "mse"):
             assert got[f"per_dim_{key}"] == pytest.approx(expected[f"per_dim_{key}"], rel=1e-12)
             assert got[key] == pytest.approx(np.mean(expected[f"per_dim_{key}"]), rel=1e-12)
-        cells = [v for key in ("pcc", "ccc") for v in expected[f"per_dim_{key}"] + [np.mean(expected[f"per_dim_{key}"])]]
+        cells = [v for key in ("pcc", "ccc", "mse")
+                 for v in expected[f"per_dim_{key}"] + [np.mean(expected[f"per_dim_{key}"])]]
         assert rows[str(run)] == [f"{v:.4f}" for v in cells]
     for d in range(2):
         values = [r["per_dim_ccc"][d] for r in per_run]
