@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -276,12 +275,9 @@ class VideoFile(_Frames):
 
 
 def _read_image(path):
-    """One image as uint8 (3, H, W); torchvision decodes jpg and png, Pillow bmp."""
-    with _reading(path, "image"):
-        if path.lower().endswith(".bmp"):
-            with Image.open(path) as image:
-                return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-        return decode_image(path, mode=ImageReadMode.RGB)
+    """One frame (jpg, png or bmp) as uint8 (H, W, 3), decoded by Pillow."""
+    with _reading(path, "image"), Image.open(path) as image:
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # convert copies even RGB
 
 
 class FrameFolder(_Frames):
@@ -310,7 +306,7 @@ class FrameFolder(_Frames):
         images = {i: _read_image(self.files[i]) for i in dict.fromkeys(indices)}
         if len({image.shape for image in images.values()}) > 1:
             raise DataError(f"{self.path}: the frames differ in size")
-        return torch.stack([images[i] for i in indices])
+        return torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2)
 
 
 def open_video(path, audio=False):

@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.io import write_png
 
 import data
 from model import (FEATURE_PARTS, HiCMAE, HiCMAEClassifier, checkpoint_config, load_checkpoint, load_weights,
@@ -300,7 +299,7 @@ def save_confusion_png(confusion, path, class_names=None, title=None):
         image.paste(matrix, (0, TITLE_PX))
         ImageDraw.Draw(image).text((side // 2, TITLE_PX // 2), _fit(title, font, side - 8), font=font, fill="black",
                                    anchor="mm")
-    write_png(torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), path)
+    image.save(path, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------------

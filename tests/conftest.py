@@ -1,6 +1,5 @@
-"""Test media: small real files written with PyAV (video, audio) and torchvision.io / Pillow
-(frame folders). Every frame carries its own index as a row of black and white stripes, so a test
-can read back which frames were sampled."""
+"""Test media: small real files written with PyAV (video, audio) and Pillow (frame folders). Every frame
+carries its own index as a row of black and white stripes, so a test can read back which frames were sampled."""
 
 import fractions
 
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.io import encode_jpeg, encode_png, write_file
 
 STRIPES = 10  # bits of the frame index, one 8-pixel-wide stripe each
 WIDTH, HEIGHT = 8 * STRIPES, 48
@@ -60,6 +58,7 @@ class Media:
     """Writers of test media into a folder."""
 
     ids = staticmethod(frame_ids)
+    image = staticmethod(frame_image)
     tone = staticmethod(tone)
     ramp = staticmethod(ramp)
 
@@ -98,12 +97,7 @@ class Media:
         folder = self.root / name
         folder.mkdir()
         for i in range(num_frames):
-            path = folder / f"{pattern.format(i + 1)}.{ext}"
-            image = torch.from_numpy(frame_image(i)).permute(2, 0, 1)
-            if ext == "bmp":
-                Image.fromarray(frame_image(i)).save(path)
-            else:
-                write_file(str(path), encode_jpeg(image, quality=95) if ext == "jpg" else encode_png(image))
+            Image.fromarray(frame_image(i)).save(folder / f"{pattern.format(i + 1)}.{ext}", quality=95)
         return str(folder)
 
     def file(self, name, content=b""):

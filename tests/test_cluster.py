@@ -65,8 +65,9 @@ def start(commands, folders, logs, timeout=240):
     """Run commands at once, each in its own process group and folder, output to files in `logs`; on a
     time-out kill every group (torchrun's workers too). The exit codes."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    procs = [subprocess.Popen(c, cwd=d, env=env, stdout=open(logs / f"out{i}.txt", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True) for i, (c, d) in enumerate(zip(commands, folders))]
+    outs = [open(logs / f"out{i}.txt", "w") for i in range(len(commands))]
+    procs = [subprocess.Popen(c, cwd=d, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+             for c, d, out in zip(commands, folders, outs)]
     deadline = time.time() + timeout
     try:
         return [p.wait(timeout=max(1.0, deadline - time.time())) for p in procs]
@@ -76,10 +77,13 @@ def start(commands, folders, logs, timeout=240):
                 os.killpg(p.pid, signal.SIGKILL)
         raise AssertionError(f"timed out after {timeout} s (a hang): " + "\n".join(
             (logs / f"out{i}.txt").read_text()[-2000:] for i in range(len(procs))))
+    finally:
+        for out in outs:
+            out.close()
 
 
 def recorded(path):
-    return [[int(i) for i in line.split()] for line in open(path)]
+    return [[int(i) for i in line.split()] for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

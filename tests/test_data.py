@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 from data import DataError, Sample
@@ -96,7 +97,22 @@ def test_frame_folder_in_name_order(media, ext, pattern):
     media.file("clip/notes.txt", b"not a frame")
     video = data.open_video(folder)
     assert isinstance(video, data.FrameFolder) and len(video) == 20
-    assert media.ids(video.read([0, 5, 19, 19])) == [0, 5, 19, 19]
+    frames = video.read([0, 5, 19, 19])
+    assert media.ids(frames) == [0, 5, 19, 19]
+    if ext != "jpg":  # lossless: the pixels written
+        written = np.stack([media.image(i) for i in (0, 5, 19, 19)])
+        assert torch.equal(frames, torch.from_numpy(written).permute(0, 3, 1, 2))
+
+
+def test_jpg_frames_are_within_a_grey_level_of_another_decoders_pixels():
+    """256 x 256 jpg frames, as face crops are written (4:2:0 at quality 95, and 4:4:4 at 90), against the pixels
+    torchvision 0.26's libjpeg-turbo decoder made of the same files (tests/fixtures/README.md)."""
+    video = data.open_video(str(FIXTURES / "jpeg_frames"))
+    frames = video.read(list(range(len(video)))).int()
+    decoded = sorted((FIXTURES / "jpeg_frames_decoded").glob("*.png"))
+    expected = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in decoded]))  # lossless
+    assert frames.shape == (3, 3, 256, 256) and len(decoded) == 3
+    assert (frames - expected.permute(0, 3, 1, 2).int()).abs().max() <= 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +555,7 @@ def test_demo_then_check_and_bench(tmp_path, capsys):
     assert data.check(train, num_frames=8) == 0 and data.check(test, num_frames=8) == 0  # the demo model's span
     assert capsys.readouterr().out.strip().splitlines() == ["4 ok, 0 failed"] * 2
     again, _ = write_demo(tmp_path / "again", seed=0, num_train=4, num_test=4)
-    first = lambda manifest: Path(open(manifest).readline().split()[0]).read_bytes()
+    first = lambda manifest: Path(Path(manifest).read_text().split()[0]).read_bytes()
     assert first(train) == first(again)  # deterministic for a seed
     capsys.readouterr()
     assert bench(train, batch_size=2, num_batches=1, task="pretrain") > 0

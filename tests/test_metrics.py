@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from torchvision.io import read_image
+from PIL import Image
 
 import evaluate
 from evaluate import (classification_metrics, read_predictions, regression_metrics, roc_auc, save_confusion_png,
@@ -19,6 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # The hand-worked example: 3 classes, 8 samples.
 TARGETS = [0, 0, 0, 0, 1, 1, 1, 2]
 PREDS = [0, 0, 1, 2, 1, 1, 0, 2]
+
+
+def read_image(path):
+    """A PNG as uint8 (3, H, W)."""
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
 def scores_predicting(preds, num_classes):
@@ -273,7 +280,7 @@ def test_cli_prints_the_classification_metrics(tmp_path):
     *table, written = out.split("columns: predicted)\n")[1].splitlines()
     assert [[int(n) for n in row.split()[-4:]] for row in table[1:]] == m["confusion"]
     assert written == f"wrote {tmp_path / 'out' / 'confusion.png'}: the confusion matrix"
-    assert read_image(str(tmp_path / "out" / "confusion.png")).shape[0] == 3
+    assert read_image(tmp_path / "out" / "confusion.png").shape[0] == 3
 
 
 def test_cli_prints_the_regression_metrics(tmp_path):
@@ -292,7 +299,7 @@ def test_cli_prints_the_regression_metrics(tmp_path):
 def test_confusion_png(tmp_path):
     path = tmp_path / "confusion.png"
     save_confusion_png([[3, 1, 0], [0, 0, 0], [0, 2, 2]], path, ["neutral", "happy", "a name far too long to fit"])
-    image = read_image(str(path))  # (3, H, W) uint8
+    image = read_image(path)  # (3, H, W) uint8
     side = evaluate.TITLE_PX + evaluate.LABEL_PX + 3 * evaluate.CELL_PX + evaluate.MARGIN_PX
     assert image.shape == (3, side, side)
     origin, cell = evaluate.TITLE_PX + evaluate.LABEL_PX, evaluate.CELL_PX
@@ -320,7 +327,7 @@ def test_predictions_alone_draw_a_titled_confusion_matrix_beside_the_file(tmp_pa
     evaluate.main(["--predictions", str(path)])
     png = tmp_path / "predictions-confusion.png"
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {png}: the confusion matrix"
-    image = read_image(str(png))
+    image = read_image(png)
     assert image.shape[1] == image.shape[2] + evaluate.TITLE_PX  # the title band above the square matrix
     assert (image[:, :evaluate.TITLE_PX].max(0).values < 100).sum() > 50  # the title is drawn there
 
@@ -328,7 +335,7 @@ def test_predictions_alone_draw_a_titled_confusion_matrix_beside_the_file(tmp_pa
 def test_confusion_png_has_no_blank_band_above_short_names(tmp_path):
     path = tmp_path / "confusion.png"
     save_confusion_png([[3, 1], [0, 4]], path, ["a", "b"])
-    image = read_image(str(path))
+    image = read_image(path)
     blank = (image.min(0).values == 255).all(1).tolist()  # rows of white pixels only
     longest = max(len(run) for run in "".join("x" if b else " " for b in blank).split())
     assert longest < evaluate.TITLE_PX  # at most a margin, no band left for names that are not there

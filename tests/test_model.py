@@ -215,8 +215,9 @@ def test_pretraining_weights_into_each_classifier():
 
 
 def test_official_key_names_convert_to_ours():
-    keys = [line.split()[1] for line in open(REFERENCE_KEYS) if line.startswith(("pretrain ", "finetune "))]
-    kinds = [line.split()[0] for line in open(REFERENCE_KEYS) if line.startswith(("pretrain ", "finetune "))]
+    lines = REFERENCE_KEYS.read_text().splitlines()
+    rows = [line.split() for line in lines if line.startswith(("pretrain ", "finetune "))]
+    keys, kinds = [row[1] for row in rows], [row[0] for row in rows]
     cfg = make_config("base")
     ours = {"pretrain": set(HiCMAE(cfg).state_dict()), "finetune": set(HiCMAEClassifier(cfg, "av", 6).state_dict())}
     for kind in ("pretrain", "finetune"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import pretrain
@@ -55,7 +56,7 @@ def run(*args, torchrun=False):
 
 
 def logged(output_dir):
-    return [json.loads(line) for line in open(Path(output_dir) / "log.jsonl")]
+    return [json.loads(line) for line in (Path(output_dir) / "log.jsonl").read_text().splitlines()]
 
 
 def weights(path):
@@ -213,9 +214,8 @@ def test_a_short_run_lowers_the_loss_and_draws_the_reconstruction(manifest, tmp_
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     figure = out / "reconstruction-005.png"
-    from torchvision.io import read_image
-    image = read_image(str(figure))
-    assert image.shape[0] == 3 and image.shape[2] > 4 * 32  # a row of 4 frames of 32 pixels, with padding
+    with Image.open(figure) as image:
+        assert image.mode == "RGB" and image.width > 4 * 32  # a row of 4 frames of 32 pixels, with padding
 
 
 BENCH = TINY[:TINY.index("--log_every")]  # the model, device and loader flags
