@@ -99,11 +99,10 @@ def authors_loss(cfg):
     return compute
 
 
-def benchmark(args, env, cfg):
-    """Print the report; returns clips/s."""
+def build(args, env, cfg):
+    """(model, optimizer, compute(model, batch) -> loss parts, what is timed) of the step asked for."""
     torch.manual_seed(args.seed)
-    authors = args.authors_code is not None
-    if authors:
+    if args.authors_code is not None:
         model = authors_model(args.authors_code, cfg).to(env.device)
         decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith("pos_embed")]
         no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith("pos_embed")]
@@ -111,7 +110,6 @@ def benchmark(args, env, cfg):
                                        dict(params=no_decay, weight_decay=0.0)], lr=1e-4, betas=tuple(args.betas))
         compute, kind = authors_loss(cfg), "authors' pre-training"
     elif args.stage == "finetune":
-        cfg = replace(cfg, drop_path=0.1)
         model = HiCMAEClassifier(cfg, "av", 6).to(env.device)
         optimizer = configure_optimizer(model, 1e-4, args.weight_decay, tuple(args.betas), 0.75, env.device.type)
         compute, kind = finetuning_loss, "fine-tuning A+V"
@@ -120,6 +118,15 @@ def benchmark(args, env, cfg):
         optimizer = configure_optimizer(model, 1e-4, args.weight_decay, tuple(args.betas),
                                         device_type=env.device.type)
         compute, kind = pretraining_loss_fn(cfg, gather=False, compile=args.compile), "pre-training"
+    return model, optimizer, compute, kind
+
+
+def benchmark(args, env, cfg):
+    """Print the report; returns clips/s."""
+    authors = args.authors_code is not None
+    if args.stage == "finetune":
+        cfg = replace(cfg, drop_path=0.1)
+    model, optimizer, compute, kind = build(args, env, cfg)
     fp16 = authors or (args.dtype == "fp16" and env.device.type == "cuda")
     scaler = torch.amp.GradScaler(enabled=fp16)
     fixed = random_batch(cfg, args.batch_size, env.device)
@@ -194,11 +201,6 @@ def benchmark(args, env, cfg):
     sync()
     seconds = time.perf_counter() - t0
     clips_per_s = args.batch_size * args.bench_steps / seconds
-    macs = count_macs(cfg, "pretrain" if args.stage == "pretrain" else "av")
-    if authors:  # their encoders embed every token before masking
-        macs += (cfg.num_video_tokens - cfg.num_visible[0]) * 3 * cfg.tubelet_size * cfg.patch_size ** 2 * cfg.dim
-    tflops = 3 * 2 * macs * clips_per_s / 1e12  # forward + backward = 3 x forward
-    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "CPU"
     if graphed is None:
         split = torch.tensor([step(split=True) for _ in range(min(10, args.bench_steps))]).median(0).values
         parts = (f"forward {split[1] * 1e3:.1f} ms, backward {split[2] * 1e3:.1f} ms, "
@@ -211,14 +213,24 @@ def benchmark(args, env, cfg):
         wait = times[:, 0].sum().item() / seconds
         notes.append(f"the loader ({args.num_workers} workers) included: data wait {wait:.0%}, "
                      f"median {times[:, 0].median().item() * 1e3:.1f} ms per step")
+    report(args, env, cfg, kind, clips_per_s, parts, notes)
+    if args.profile:
+        profile(step, sync)
+    return clips_per_s
+
+
+def report(args, env, cfg, kind, clips_per_s, parts, notes):
+    authors = args.authors_code is not None
+    macs = count_macs(cfg, "pretrain" if args.stage == "pretrain" else "av")
+    if authors:  # their encoders embed every token before masking
+        macs += (cfg.num_video_tokens - cfg.num_visible[0]) * 3 * cfg.tubelet_size * cfg.patch_size ** 2 * cfg.dim
+    tflops = 3 * 2 * macs * clips_per_s / 1e12  # forward + backward = 3 x forward
+    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "CPU"
     dtype = "fp16" if authors else amp_dtype(args, env)
     print(f"benchmark: HiCMAE-{args.size} {kind}, {args.batch_size} clips/step, {dtype}, compile={args.compile}, "
           f"cuda_graph={args.cuda_graph}, {device_name}: {clips_per_s:.1f} samples/s, {tflops:.1f} TFLOP/s, "
           f"MFU {tflops / args.peak_tflops:.1%} of {args.peak_tflops:g}, peak memory {peak_memory_mb(env.device):.0f} MB"
           f"\n  per step (median of the split steps): {parts}" + "".join(f"\n  {n}" for n in notes), flush=True)
-    if args.profile:
-        profile(step, sync)
-    return clips_per_s
 
 
 def profile(step, sync, steps=5):
