@@ -3,7 +3,6 @@ encoders (Sec. 3.1.1-3.1.2), decoders (Sec. 3.1.3), pre-training losses (Eq. 8-1
 (Eq. 12), optimiser groups and costs, checkpoints. `python model.py` prints the size of every model."""
 
 import argparse
-import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -215,6 +214,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg, modality):
         super().__init__()
+        self.cfg, self.modality = cfg, modality
         p = cfg.patch_size
         if modality == "video":
             self.patch_embed = nn.Conv3d(3, cfg.dim, (cfg.tubelet_size, p, p), stride=(cfg.tubelet_size, p, p))
@@ -227,22 +227,16 @@ class Encoder(nn.Module):
                                     for r in drop_path_rates(cfg.drop_path, cfg.depth))
         self.norm = layer_norm(cfg.dim)
 
-    def patches(self, x):
-        """(B, C, T, H, W) or (B, C, T, F) -> (B, N, C * kernel), each token's pixels in patch_embed's weight order."""
-        kernel = self.patch_embed.kernel_size
-        grid = [size // k for size, k in zip(x.shape[2:], kernel)]
-        x = x.reshape(*x.shape[:2], *[n for g, k in zip(grid, kernel) for n in (g, k)])
-        dims = len(kernel)
-        x = x.permute(0, *range(2, 2 + 2 * dims, 2), 1, *range(3, 3 + 2 * dims, 2))  # grid dims, then C and kernel
-        return x.reshape(x.shape[0], math.prod(grid), -1)
-
     def forward(self, x, visible_ids=None, return_layers=()):
         """norm(output) and norm(output of block j) for j in return_layers (0-based)."""
         if visible_ids is None:
             x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         else:  # pre-training: embed only the visible tokens (the convolution as a matrix product), in order
+            # each token's pixels in the weight's (channel, time, row, column) order
+            patches = (patchify_video(x, self.cfg).transpose(2, 3).flatten(2) if self.modality == "video" else
+                       patchify_audio(x, self.cfg))
             weight = self.patch_embed.weight.flatten(1)
-            x = F.linear(gather_tokens(self.patches(x), visible_ids), weight, self.patch_embed.bias)
+            x = F.linear(gather_tokens(patches, visible_ids), weight, self.patch_embed.bias)
             x = x + self.pos_embed[0][visible_ids]
         layers = []
         for j, block in enumerate(self.blocks):
