@@ -169,6 +169,7 @@ def finetuning_loss_fn(args):
 
 SELECTION_KEY = {"classification": "uar", "regression": "ccc"}  # what picks best.pth
 
+
 def summary(metrics, task):
     if task == "classification":
         return " ".join(f"{CLASSIFICATION_LABELS[k]} {metric_text(metrics[k], task)}" for k in CLASSIFICATION_KEYS)
