@@ -9,6 +9,24 @@ import pytest
 import torch
 from PIL import Image
 
+try:  # the optional face-crop extra (requirements-faces.txt)
+    import dlib  # noqa: F401
+    import face_recognition_models  # noqa: F401
+    HAVE_EXTRA = True
+except ImportError:
+    HAVE_EXTRA = False
+
+
+def needs_extra(test):
+    """A test that needs the face-crop extra: marked `faces` (pytest -m faces runs these alone), skipped without it."""
+    skip = pytest.mark.skipif(not HAVE_EXTRA, reason="needs the face-crop extra: pip install -r requirements-faces.txt")
+    return pytest.mark.faces(skip(test))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "faces: needs the face-crop extra (requirements-faces.txt)")
+
+
 STRIPES = 10  # bits of the frame index, one 8-pixel-wide stripe each
 WIDTH, HEIGHT = 8 * STRIPES, 48
 

@@ -15,13 +15,8 @@ import data
 from tools import face_clips, face_crop
 from tools.face_clips import FACE, PUPILS
 
-try:
-    import dlib  # noqa: F401
-    import face_recognition_models  # noqa: F401
-    HAVE_EXTRA = True
-except ImportError:
-    HAVE_EXTRA = False
-needs_extra = pytest.mark.skipif(not HAVE_EXTRA, reason="pip install -r requirements-faces.txt")
+from conftest import needs_extra
+
 
 SIZE = 256
 SIM_SCALE = SIZE * 0.7 / 112  # OpenFace's -simsize 256: pixels per mm of its mean face
@@ -62,11 +57,11 @@ def test_warp_moves_a_pixel_where_the_matrix_says():
     np.testing.assert_allclose(centre, (40, 40), atol=0.05)
 
 
-def test_without_the_extra_one_line_says_what_to_install(tmp_path, monkeypatch):
+def test_without_the_extra_one_line_says_what_to_install(media, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib raises ImportError
     monkeypatch.setattr(face_crop, "_MODELS", None)
     with pytest.raises(SystemExit) as exit_info:
-        face_crop.main([str(tmp_path), "--out", str(tmp_path / "faces")])
+        face_crop.main([media.video("clip.mp4", 5), "--out", str(tmp_path / "faces")])
     message = str(exit_info.value.code)
     assert message == "tools/face_crop.py needs dlib and its 68-point landmark model: " \
                       "pip install -r requirements-faces.txt"

@@ -250,8 +250,8 @@ def _crop_job(job):
 def face_crop(inputs, out_dir, workers=1, size=256):
     """Crop every clip of `inputs` into out_dir (see the top of this file); returns the number of clips that
     failed."""
+    paths = clip_inputs(inputs)  # what is wrong with the inputs is said with or without the extra
     load_models()  # the one-line message before any work if the extra is missing
-    paths = clip_inputs(inputs)
     os.makedirs(out_dir, exist_ok=True)
     jobs, failed, seen = [], 0, {}
     for path in paths:
