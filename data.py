@@ -13,6 +13,7 @@ import warnings
 import wave
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -35,6 +36,7 @@ MIN_AUDIO_SAMPLES = 1024  # a window of this many samples (64 ms) or fewer is un
 AUDIO_ONLY_FPS = 25  # the frame rate given to audio without video (data sets' videos are 25 or 30 fps)
 AUDIO_HINT = "name its audio file: a manifest row's <audio> field, or evaluate.py --audio FILE"
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".flv", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts")
 TASKS = ("pretrain", "classification", "regression")
 MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
 # The 13 crop positions of the pre-training crop, in quarters of the free room (x, y).
@@ -47,7 +49,7 @@ class DataError(Exception):
 
 
 @contextmanager
-def _reading(path, what):
+def reading(path, what):
     """Turn an error of the decoder or the file system into a DataError naming the path."""
     try:
         yield
@@ -175,7 +177,7 @@ class _Frames:
         self.close()
 
 
-def _open(path):
+def open_media(path):
     """av.open, telling apart the two usual files in which FFmpeg finds no media at all."""
     try:
         return av.open(path)
@@ -194,8 +196,8 @@ class VideoFile(_Frames):
 
     def __init__(self, path, audio=False):
         self.path = path
-        with _reading(path, "video"):
-            self.container = _open(path)
+        with reading(path, "video"):
+            self.container = open_media(path)
             try:
                 self._demux(audio)
             except BaseException:
@@ -261,7 +263,7 @@ class VideoFile(_Frames):
         # one thread: a reformatter's thread pool does not survive a fork, and a loader worker would hang.
         to_rgb = av.video.reformatter.VideoReformatter()
         codec = self.stream.codec_context
-        with _reading(self.path, "video"):
+        with reading(self.path, "video"):
             codec.flush_buffers()
             for packet in self.packets[begin:] + [None]:
                 if packet is not None:
@@ -276,7 +278,7 @@ class VideoFile(_Frames):
 
 def _read_image(path):
     """One frame (jpg, png or bmp) as uint8 (H, W, 3), decoded by Pillow."""
-    with _reading(path, "image"), Image.open(path) as image:
+    with reading(path, "image"), Image.open(path) as image:
         return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # convert copies even RGB
 
 
@@ -285,7 +287,7 @@ class FrameFolder(_Frames):
 
     def __init__(self, path):
         self.path = path
-        with _reading(path, "frame folder"):
+        with reading(path, "frame folder"):
             names = sorted(n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS))
         if not names:
             raise DataError(f"{path}: no jpg/png/bmp frames in the folder")
@@ -333,14 +335,14 @@ class WavFile:
 
     def __init__(self, path):
         self.path = path
-        with _reading(path, "audio"), wave.open(path, "rb") as f:
+        with reading(path, "audio"), wave.open(path, "rb") as f:
             self.num_samples = f.getnframes()
             f.setpos(max(self.num_samples - 1, 0))
             if self.num_samples and len(f.readframes(1)) < 2:
                 raise DataError(f"{path}: truncated: the file ends before its {self.num_samples} declared samples")
 
     def window(self, start, stop):
-        with _reading(self.path, "audio"), wave.open(self.path, "rb") as f:
+        with reading(self.path, "audio"), wave.open(self.path, "rb") as f:
             f.setpos(start)
             pcm = np.frombuffer(f.readframes(stop - start), dtype="<i2")
         return torch.from_numpy(pcm.astype(np.float32) / 32768)[None]
@@ -362,7 +364,7 @@ def read_audio(path):
     """The first audio stream of any container (wav, m4a, mp4, ...) as 16 kHz mono float32 (1, N)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with _reading(path, "audio"), _open(path) as container:
+    with reading(path, "audio"), open_media(path) as container:
         if not container.streams.audio:
             raise DataError(f"{path}: no audio stream ({AUDIO_HINT})")
         stream = container.streams.audio[0]
@@ -371,7 +373,7 @@ def read_audio(path):
 
 def _decode_audio(path, stream, packets):
     """A Waveform of an audio stream's packets: resampled to 16 kHz, the mean of the channels."""
-    with _reading(path, "audio"):
+    with reading(path, "audio"):
         resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
         chunks = [out.to_ndarray() for packet in packets for frame in stream.codec_context.decode(packet)
                   for out in resampler.resample(frame)]
@@ -444,7 +446,7 @@ def _has_video(path):
     """Whether path is a frame folder or a file holding a video stream."""
     if path is None or os.path.isdir(path):
         return path is not None
-    with _reading(path, "video"), _open(path) as container:
+    with reading(path, "video"), open_media(path) as container:
         return bool(container.streams.video)
 
 
@@ -485,6 +487,191 @@ def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generat
     except DataError as e:
         raise DataError(f"{sample.row}: {e}" if sample.row else str(e)) from None
     return clips
+
+
+# Recordings of any length (evaluate.py --video): a stream of windows, each one clip as the model was trained on.
+
+@dataclass
+class Window:
+    start: int  # its first tick (frame of the fixed-rate timeline)
+    start_s: float  # seconds, on the recording's clock
+    end_s: float  # start_s + the span of a clip (num_frames x stride ticks): its audio's end
+    ticks: list[int] | None  # the ticks of its frames (None: no video read)
+    frames: list[np.ndarray] | None  # uint8 (H, W, 3) each
+    waveform: torch.Tensor | None  # (1, n), 16 kHz
+
+
+class AudioStream:
+    """The 16 kHz mono samples of a file's first audio stream, decoded as far as a window asks and forgotten
+    before the next window: memory for a window or two whatever the length. Decoded as _decode_audio does."""
+
+    def __init__(self, path):
+        self.path = path
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file")
+        with reading(path, "audio"):
+            self.container = open_media(path)
+            if not self.container.streams.audio:
+                self.container.close()
+                raise DataError(f"{path}: no audio stream ({AUDIO_HINT})")
+            self.stream = self.container.streams.audio[0]
+            self.packets = self.container.demux(self.stream)
+            self.resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+        self.chunks, self.first, self.end = [], 0, 0  # the samples held: [first, end)
+        self.ended = False
+
+    def _decode_more(self):
+        with reading(self.path, "audio"):
+            packet = next(self.packets, None)
+            while packet is not None and not packet.size:
+                packet = next(self.packets, None)
+            frames = self.stream.codec_context.decode(packet)
+            outs = [out for frame in frames for out in self.resampler.resample(frame)]
+            if packet is None:  # the end: what the resampler holds
+                outs += self.resampler.resample(None)
+                self.ended = True
+        for out in outs:
+            chunk = torch.from_numpy(out.to_ndarray()).mean(0, keepdim=True)
+            self.chunks.append(chunk)
+            self.end += chunk.shape[1]
+
+    def window(self, start, stop):
+        """Samples [start, stop), fewer where the audio ends (none before what was forgotten)."""
+        while self.end < stop and not self.ended:
+            self._decode_more()
+        held = torch.cat(self.chunks, 1) if self.chunks else torch.zeros(1, 0)
+        return held[:, max(start - self.first, 0):max(stop - self.first, 0)]
+
+    def forget_before(self, sample):
+        while self.chunks and self.first + self.chunks[0].shape[1] <= sample:
+            self.first += self.chunks.pop(0).shape[1]
+
+    def close(self):
+        self.container.close()
+
+
+def _ticks_of_video(path, fps):
+    """(tick, seconds, av.VideoFrame) of a video file at `fps` ticks per second: each tick takes the frame
+    shown nearest to it by the frames' timestamps (tick 0 is the first frame), so that a 30 fps, 60 fps or
+    variable-rate recording keeps the pace of the model's clips. Decoded as a stream."""
+    with reading(path, "video"), open_media(path) as container:
+        if not container.streams.video:
+            raise DataError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # one recording at a time: the decoder may use the cores
+        rate, tick, origin, previous = Fraction(fps).limit_denominator(1001), 0, None, None
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                raise DataError(f"{path}: the video frames carry no timestamps (remux the file, e.g. to .mp4)")
+            origin = frame.pts if origin is None else origin
+            t = (frame.pts - origin) * stream.time_base
+            while tick / rate <= t:
+                nearer = previous is not None and tick / rate - previous[0] <= t - tick / rate
+                yield tick, float(origin * stream.time_base + tick / rate), previous[1] if nearer else frame
+                tick += 1
+            previous = (t, frame)
+        if previous is None:
+            raise DataError(f"{path}: the video stream holds no frames")
+        while tick / rate - previous[0] < 1 / (2 * rate):  # the last frame's own tick, if it falls after it
+            yield tick, float(origin * stream.time_base + tick / rate), previous[1]
+            tick += 1
+
+
+def _ticks_of_folder(path, fps):
+    """(tick, seconds, frame path) of a frame folder, its frames taken to be 1 / fps apart."""
+    folder = FrameFolder(path)
+    for i, file in enumerate(folder.files):
+        yield i, i / fps, file
+
+
+def _rgb(frame, to_rgb):
+    """uint8 (H, W, 3) of an av.VideoFrame or a frame file."""
+    if isinstance(frame, str):
+        return _read_image(frame)
+    return to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+
+class Recording:
+    """A recording of any length as a stream of windows. A window is one clip as the model was trained on:
+    num_frames frames `stride` ticks apart and the audio of its span (num_frames x stride ticks); the timeline
+    ticks at `fps`; a window starts every `hop` ticks, and one more ends with the recording. Memory holds one
+    window's span of frames. After the stream, `ticks` is the recording's length in ticks.
+    modality "audio": no video is decoded and the ticks count the audio's samples; "video": no audio is read."""
+
+    def __init__(self, video, audio=None, modality="av", num_frames=16, stride=4, fps=25.0, hop=None):
+        self.video, self.audio_path, self.modality, self.fps = video, audio or video, modality, fps
+        self.num_frames, self.stride, self.span = num_frames, stride, num_frames * stride
+        self.hop = hop or self.span // 2
+        self.ticks = None
+
+    def samples(self, tick):
+        """The audio sample at a tick."""
+        return round(tick * SAMPLE_RATE / self.fps)
+
+    def windows(self):
+        if self.modality != "video" and self.audio_path == self.video and os.path.isdir(self.video):
+            raise DataError(f"{self.video}: a frame folder has no audio ({AUDIO_HINT})")
+        audio = None if self.modality == "video" else AudioStream(self.audio_path)
+        try:
+            if self.modality == "audio":
+                yield from self._audio_windows(audio)
+            else:
+                yield from self._video_windows(audio)
+        finally:
+            if audio is not None:
+                audio.close()
+
+    def _forget(self, audio, tick):
+        """Drop the audio before the last window's start: what the next window, or the last one, needs stays."""
+        if audio is not None:
+            audio.forget_before(self.samples(tick))
+
+    def _window(self, start, start_s, ring, audio, to_rgb):
+        """The window from tick `start` (ring: the span's (seconds, frame) by tick, None for no video)."""
+        frames = ticks = waveform = None
+        if ring is not None:
+            ticks = [start + self.stride * j for j in range(self.num_frames)]
+            frames = [_rgb(ring[t], to_rgb) for t in ticks]
+        if audio is not None:
+            first, stop = self.samples(start), self.samples(start + self.span)
+            waveform = audio.window(first, stop)
+            if waveform.shape[1] <= MIN_AUDIO_SAMPLES:
+                raise DataError(f"{self.audio_path}: {waveform.shape[1]} audio samples for the window at "
+                                f"{start_s:.2f} s; is the audio shorter than the video?")
+        return Window(start, start_s, start_s + self.span / self.fps, ticks, frames, waveform)
+
+    def _video_windows(self, audio):
+        reader = _ticks_of_folder if os.path.isdir(self.video) else _ticks_of_video
+        if not os.path.exists(self.video):
+            raise DataError(f"{self.video}: no such file or folder")
+        to_rgb = av.video.reformatter.VideoReformatter()
+        ring, times, start, end = {}, {}, 0, 0  # frames and times of the last span of ticks
+        tick = -1
+        for tick, seconds, frame in reader(self.video, self.fps):
+            ring[tick], times[tick] = frame, seconds
+            ring.pop(tick - self.span, None), times.pop(tick - self.span, None)
+            if tick == start + self.span - 1:
+                yield self._window(start, times[start], ring, audio, to_rgb)
+                start, end = start + self.hop, start + self.span
+                self._forget(audio, start - self.hop)
+        self.ticks = tick + 1
+        if self.span <= self.ticks and end < self.ticks:  # the last window ends with the recording
+            start = self.ticks - self.span
+            yield self._window(start, times[start], ring, audio, to_rgb)
+
+    def _audio_windows(self, audio):
+        start, end = 0, 0
+        while True:
+            first, stop = self.samples(start), self.samples(start + self.span)
+            if audio.window(first, stop).shape[1] < stop - first:
+                break
+            yield self._window(start, start / self.fps, None, audio, None)
+            start, end = start + self.hop, start + self.span
+            self._forget(audio, start - self.hop)
+        self.ticks = int(audio.end * self.fps // SAMPLE_RATE)
+        if self.span <= self.ticks and end < self.ticks:
+            start = self.ticks - self.span
+            yield self._window(start, start / self.fps, None, audio, None)
 
 
 def fbank(waveform, num_frames=256, num_mel_bins=128):
@@ -600,6 +787,23 @@ def test_views(frames, img_size, num_crops, views="authors"):
     return [frames[..., :img_size, o:o + img_size] for o in offsets]
 
 
+def clip_views(clips, cfg, num_crops, views="authors"):
+    """The model's inputs of test clips [(frames uint8 (T, 3, H, W) or None, waveform (1, n) or None)]: video
+    (V, 3, T, S, S) normalised and audio (V, 1, frames, bins), V = clips x num_crops, clip-major. A stream a
+    one-modality model does not read is black or silent."""
+    videos, audios = [], []
+    for frames, waveform in clips:
+        if waveform is None:  # a video model: silence in place of the audio it does not read
+            waveform = torch.zeros(1, cfg.audio_frames * SAMPLE_RATE // 100)
+        if frames is None:  # an audio model: black frames in place of the video it does not decode
+            frames = torch.zeros(cfg.num_frames, 3, cfg.img_size, cfg.img_size, dtype=torch.uint8)
+        audio = fbank(waveform, cfg.audio_frames, cfg.mel_bins)[None]
+        for crop in test_views(frames, cfg.img_size, num_crops, views):
+            videos.append(normalize(crop).permute(1, 0, 2, 3))
+            audios.append(audio)
+    return torch.stack(videos), torch.stack(audios)
+
+
 def roll_and_gain(waveform):
     """Audio augmentation (global RNG): a random circular shift and a gain of Beta(10, 10) + 0.5."""
     shift = int(torch.randint(waveform.shape[1], (1,)))
@@ -628,7 +832,7 @@ class _ClipDataset(torch.utils.data.Dataset):
     def __init__(self, samples, cfg, sampling_rate, seed, strict, max_retries, modality="av"):
         if modality not in MODALITIES:
             raise ValueError(f"modality is one of {MODALITIES}, got {modality!r}")
-        self.samples, self.modality = list(samples), modality
+        self.samples, self.modality, self.cfg = list(samples), modality, cfg
         self.img_size, self.num_frames, self.sampling_rate = cfg.img_size, cfg.num_frames, sampling_rate
         self.audio_frames, self.num_mel_bins = cfg.audio_frames, cfg.mel_bins
         self.seed, self.strict, self.max_retries = seed, strict, max_retries
@@ -724,21 +928,14 @@ class FinetuneDataset(_ClipDataset):
 
     def _test_item(self, index):
         sample = self.samples[index]
-        videos, audios = [], []
-        for frames, waveform in load_clips(sample, self.num_frames, self.sampling_rate,
-                                           self.audio_frames, num_clips=self.num_clips, modality=self.modality):
-            if waveform is None:  # a video model: silence in place of the audio it does not read
-                waveform = torch.zeros(1, self.audio_frames * SAMPLE_RATE // 100)
-            if frames is None:  # an audio model: black frames in place of the video it does not decode
-                frames = torch.zeros(self.num_frames, 3, self.img_size, self.img_size, dtype=torch.uint8)
-            audio = fbank(waveform, self.audio_frames, self.num_mel_bins)[None]
-            for crop in test_views(frames, self.img_size, self.num_crops, self.test_views):
-                videos.append(normalize(crop).permute(1, 0, 2, 3))
-                audios.append(audio)
-        item = dict(video=torch.stack(videos), audio=torch.stack(audios), index=index)
+        clips = load_clips(sample, self.num_frames, self.sampling_rate, self.audio_frames, num_clips=self.num_clips,
+                           modality=self.modality)
+        video, audio = clip_views(clips, self.cfg, self.num_crops, self.test_views)
+        item = dict(video=video, audio=audio, index=index)
         if sample.target is not None:  # unlabelled recordings can be tested too (single-video inference)
             item["target"] = _target_tensor(sample.target)
         return item
+
 
 
 # 6. Command line: python data.py check|scan|crema-d

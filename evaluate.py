@@ -4,14 +4,15 @@ frozen-feature probes (the README tells more).
   python evaluate.py --checkpoint C --data_path TEST        test a fine-tuned checkpoint (ours or the authors')
                                                             on a manifest: metrics, predictions.csv, confusion.png
   python evaluate.py --predictions FILE.csv                 every metric of a predictions file, and its confusion.png
-  python evaluate.py --checkpoint C --video FILE [--audio FILE]
-                                                            the class probabilities (or values) of one recording
+  python evaluate.py --checkpoint C --video FILE_OR_FOLDER ... [--face_crop auto|on|off]
+                                                            recordings of any length window by window: a timeline
+                                                            (CSV, PNG) each, faces aligned as the training crops
   python evaluate.py --probe --checkpoint C [--data_path TRAIN --test_path TEST] [--json OUT.json]
                                                             frozen features of any checkpoint against random
                                                             initialisation and no model (default: the demo data)
   python evaluate.py --summarize RUN_DIR ... [--json OUT.json]
                                                             every fold's metrics, their mean and sample sd
-Add --features OUT.npy to a checkpoint form to save the features the head sees, one row per video.
+Add --features OUT.npy to a checkpoint form to save the features the head sees, one row per video (per window).
 """
 
 import argparse
@@ -22,6 +23,7 @@ import os
 import statistics
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -320,14 +322,10 @@ def predict(model, loader, task, device, amp=nullcontext, features=False):
     model.eval()
     indices, scores, feats = [], [], []
     for batch in loader:
-        video, audio = batch["video"].to(device), batch["audio"].to(device)  # (B, V, ...)
-        b, v = video.shape[:2]
-        with amp():
-            feature = model.forward_features(video.flatten(0, 1), audio.flatten(0, 1))
-            out = model.head(feature).float().view(b, v, -1)
-        scores.append((out.softmax(-1) if task == "classification" else out).mean(1).cpu())
+        score, feature = view_means(model, batch["video"], batch["audio"], task, device, amp)
+        scores.append(score)
         if features:
-            feats.append(feature.float().view(b, v, -1).mean(1).cpu())
+            feats.append(feature)
         indices.append(torch.as_tensor(batch["index"]))
     model.train(was_training)
     result = [torch.cat(indices), torch.cat(scores), torch.cat(feats) if features else None]
@@ -340,6 +338,18 @@ def predict(model, loader, task, device, amp=nullcontext, features=False):
     first[1:] = index[1:] != index[:-1]  # the first copy of each index
     order = order[first]
     return tuple(None if r is None else r[order] for r in result)
+
+
+@torch.no_grad()
+def view_means(model, video, audio, task, device, amp=nullcontext):
+    """(scores, features) of items given as views (B, V, ...): the class probabilities (or the outputs) and the
+    features the head sees, each averaged over an item's views, float32 on the CPU."""
+    b, v = video.shape[:2]
+    with amp():
+        feature = model.forward_features(video.to(device).flatten(0, 1), audio.to(device).flatten(0, 1))
+        out = model.head(feature).float().view(b, v, -1)
+    scores = (out.softmax(-1) if task == "classification" else out).mean(1)
+    return scores.cpu(), feature.float().view(b, v, -1).mean(1).cpu()
 
 
 def test_loader(samples, cfg, sampling_rate, args, modality="av"):
@@ -370,7 +380,374 @@ def load_finetuned(path, device="cpu", num_outputs=None, log=print, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Frozen-feature evaluation of a checkpoint against random initialisation and no model: linear, k-NN and
+# 5. Faces aligned as OpenFace 2.2 aligns them (the authors' crops), from dlib's 68 landmarks: for recordings
+# here, and for tools/face_crop.py, which writes them to disk. dlib and its landmark model come from the
+# optional requirements-faces.txt (its training data, iBUG 300-W, is for non-commercial use only).
+
+MEAN_SHAPE = np.loadtxt(Path(__file__).parent / "tools" / "openface_mean_shape_68.txt")[:, :2]  # (68, 2) mm, y down
+# OpenFace's rigid points (Face_utils.cpp, extract_rigid_points): cheeks, nose bridge and base, eye corners.
+RIGID = [1, 2, 3, 4, 12, 13, 14, 15, 27, 28, 29, 31, 32, 33, 34, 35, 36, 39, 40, 41, 42, 45, 46, 47]
+TRACK_SIZE, TRACK_SCALE = 200, 1.0  # the upright view the face is looked for in, and its pixels per mm
+FACE_SIZE = 256  # pixels of an aligned face, as the authors' crops (OpenFace's -simsize 256)
+FACES_MISSING = ("aligning faces needs dlib and its 68-point landmark model: pip install -r requirements-faces.txt")
+_FACE_MODELS = None  # loaded once per process
+
+
+def load_face_models():
+    """dlib's HOG face detector and 68-point shape predictor; ImportError if the extra is not installed."""
+    global _FACE_MODELS
+    if _FACE_MODELS is None:
+        import dlib
+        import face_recognition_models
+        _FACE_MODELS = dlib.get_frontal_face_detector(), dlib.shape_predictor(
+            face_recognition_models.pose_predictor_model_location())
+    return _FACE_MODELS
+
+
+def similarity(src, dst):
+    """The 2 x 2 matrix A (scale times rotation) of OpenFace's AlignShapesWithScale: both point sets centred,
+    the scale the ratio of their RMS radii, the rotation Kabsch's (no reflection); dst - mean ~ A (src - mean)."""
+    src, dst = src - src.mean(0), dst - dst.mean(0)
+    scale = np.sqrt((dst ** 2).sum() / (src ** 2).sum())
+    u, _, vt = np.linalg.svd(src.T @ dst)
+    d = np.sign(np.linalg.det(vt.T @ u.T))
+    return scale * (vt.T @ np.diag([1.0, d]) @ u.T)
+
+
+def alignment(landmarks, scale, size):
+    """(A, b): the affine map x -> A x + b from frame pixels to the size x size aligned face, whose rigid points
+    match MEAN_SHAPE * scale (pixels per mm) and whose centre (the mean of the 68 landmarks, where OpenFace puts
+    the origin of its fitted 3D shape) is the middle pixel (size // 2, as OpenFace)."""
+    a = similarity(landmarks[RIGID], MEAN_SHAPE[RIGID] * scale)
+    return a, size // 2 - a @ landmarks.mean(0)
+
+
+def warp(image, a, b, size):
+    """The size x size image out(x) = image(A^-1 (x - b)), bilinear, black outside: OpenCV's warpAffine with
+    pixel centres at integers, written for Pillow, whose pixel centres are at +0.5."""
+    inv = np.linalg.inv(a)
+    offset = 0.5 - inv @ (b + 0.5)
+    return image.transform((size, size), Image.Transform.AFFINE, (*inv[0], offset[0], *inv[1], offset[1]),
+                           Image.Resampling.BILINEAR)
+
+
+def aligned_face(image, landmarks, size=FACE_SIZE):
+    """The aligned face of a PIL image: OpenFace's -simalign -simsize SIZE (0.7 / 112 of SIZE per mm), no mask."""
+    return warp(image, *alignment(landmarks, size * 0.7 / 112, size), size)
+
+
+def _centre(rect):
+    return np.array([(rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2])
+
+
+class FaceFollower:
+    """The 68 landmarks of one face through a sequence of frames; None where it is not found. One face: the
+    largest in the first frame where one is found, then followed: each frame is turned upright and scaled by
+    the previous landmarks and the detector looks there, else in the whole frame near where it was."""
+
+    def __init__(self, models):
+        self.detector, self.predictor = models
+        self.previous = None  # the last frame's landmarks
+
+    def _shape(self, gray, box):
+        parts = self.predictor(gray, box).parts()
+        return np.array([(p.x, p.y) for p in parts], dtype=np.float64)
+
+    def _in_frame(self, gray):
+        """Landmarks of the largest face in the whole frame (the one nearest the previous face when following)."""
+        boxes = self.detector(gray, 0) or self.detector(gray, 1)  # faces of 80 pixels and up, then 40
+        if not boxes:
+            return None
+        if self.previous is None:
+            return self._shape(gray, max(boxes, key=lambda r: r.area()))
+        centre = self.previous.mean(0)
+        reach = np.ptp(self.previous, axis=0).max()  # not a new person elsewhere in the frame
+        box = min(boxes, key=lambda r: np.hypot(*(_centre(r) - centre)))
+        return self._shape(gray, box) if np.hypot(*(_centre(box) - centre)) <= reach else None
+
+    def _near_previous(self, image):
+        """Landmarks from the upright view of the previous face; None if the detector finds no face there."""
+        a, b = alignment(self.previous, TRACK_SCALE, TRACK_SIZE)
+        view = np.asarray(warp(image, a, b, TRACK_SIZE))
+        boxes = self.detector(view, 0)
+        if not boxes:
+            return None
+        box = min(boxes, key=lambda r: np.hypot(*(_centre(r) - TRACK_SIZE / 2)))
+        return (self._shape(view, box) - b) @ np.linalg.inv(a).T
+
+    def __call__(self, gray_image):
+        """Landmarks (68, 2) in frame pixels of the face in this frame (a grayscale PIL image), or None."""
+        landmarks = self._near_previous(gray_image) if self.previous is not None else None
+        if landmarks is None:
+            landmarks = self._in_frame(np.asarray(gray_image))
+        if landmarks is not None:
+            self.previous = landmarks
+        return landmarks
+
+
+def nearest_landmarks(found):
+    """A list of landmarks or None, each None replaced by the landmarks of the nearest frame that has them
+    (the earlier one on a tie): how a frame where the face is not found is aligned. All None: unchanged."""
+    have = np.array([i for i, landmarks in enumerate(found) if landmarks is not None])
+    if not len(have):
+        return list(found)
+    return [found[i] if found[i] is not None else found[have[np.abs(have - i).argmin()]] for i in range(len(found))]
+
+
+class FaceAligner:
+    """Aligned faces (FACE_SIZE) of the frames of a recording's windows. Each frame's landmarks are found
+    once, in time order (windows overlap: a frame is seen again); within a window a frame without a face takes
+    the landmarks of the window's nearest frame with one."""
+
+    def __init__(self):
+        self.follow = FaceFollower(load_face_models())
+        self.found = {}  # landmarks (or None) by tick, of the frames of the windows still to come
+
+    def __call__(self, frames, ticks):
+        """(aligned uint8 (T, 3, S, S), share of the frames with a face) of frames (H, W, 3) at ticks; (None, 0.0)
+        for a window without a face."""
+        for tick in [t for t in self.found if t < ticks[0]]:
+            del self.found[tick]
+        for tick, frame in zip(ticks, frames):
+            if tick not in self.found:
+                self.found[tick] = self.follow(Image.fromarray(frame).convert("L"))
+        found = [self.found[tick] for tick in ticks]
+        share = sum(landmarks is not None for landmarks in found) / len(found)
+        if not share:
+            return None, 0.0
+        faces = [np.asarray(aligned_face(Image.fromarray(frame), landmarks))
+                 for frame, landmarks in zip(frames, nearest_landmarks(found))]
+        return torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2), share
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Recordings of any length (--video): the model window by window, and the timeline of its answers
+
+FACE_CROP = ("auto", "on", "off")
+TIMELINE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))  # matplotlib's tab10
+NOT_FACES = "frames that are face crops already, or a model trained on whole frames: --face_crop off"
+
+
+def recordings(inputs):
+    """The recordings named: video files and frame folders, and in a folder that is not a frame folder its
+    video files and frame folders, in name order; DataError naming an input that is none of these."""
+    found = []
+    for item in inputs:
+        if os.path.isfile(item) or _is_frame_folder(item):
+            found.append(item)
+        elif os.path.isdir(item):
+            inside = sorted(str(p) for p in Path(item).iterdir() if not p.name.startswith(".") and (
+                p.suffix.lower() in data.VIDEO_EXTENSIONS or _is_frame_folder(p)))
+            if not inside:
+                raise data.DataError(f"{item}: no video files or frame folders in this folder")
+            found += inside
+        else:
+            raise data.DataError(f"{item}: no such file or folder")
+    return found
+
+
+def _is_frame_folder(path):
+    return os.path.isdir(path) and any(n.lower().endswith(data.FRAME_EXTENSIONS) for n in os.listdir(path))
+
+
+def face_cropping(choice, path, modality):
+    """Whether to align a recording's faces: --face_crop on or off; auto aligns a video file's frames and takes a
+    frame folder's as the face crops they are. An audio model reads no frames."""
+    return modality != "audio" and (choice == "on" or choice == "auto" and not os.path.isdir(path))
+
+
+@dataclass
+class Row:
+    """One window of a recording (or, for a short one, the whole recording)."""
+    start_s: float
+    end_s: float
+    face: float | None  # the share of its frames where a face was found; None: not looked for
+    scores: torch.Tensor | None = None  # class probabilities or regression values; None: not classified (no face)
+    features: torch.Tensor | None = None  # the 4C feature the head sees
+
+
+def expected_ticks(path, audio, fps, modality):
+    """The length of a recording in ticks of the timeline, from its container's duration (a frame folder: its
+    frames); None if the container does not say."""
+    if modality != "audio" and os.path.isdir(path):
+        return len(data.FrameFolder(path))
+    with data.reading(path, "video"), data.open_media(audio or path if modality == "audio" else path) as container:
+        return round(container.duration / 1e6 * fps) if container.duration else None
+
+
+def classify_windows(args, model, run, recording, faces, env, progress=None):
+    """A Row per window of a data.Recording, in order: faces aligned when `faces` (a window without one is not
+    classified), then each window classified as one test clip."""
+    cfg, task = model.cfg, run["task"]
+    crops = 1 if args.test_views == "authors" else args.num_crops  # the authors' crops are all the whole frame
+    aligner = FaceAligner() if faces else None
+    rows, pending = [], []  # pending: (row, video views, audio views) to classify in one batch
+
+    def classify():
+        video, audio = (torch.stack(views) for views in list(zip(*pending))[1:])
+        scores, features = view_means(model, video, audio, task, env.device, lambda: autocast(args, env))
+        for (row, _, _), score, feature in zip(pending, scores, features):
+            row.scores, row.features = score, feature
+        pending.clear()
+
+    for window in recording.windows():
+        frames, face = None, None
+        if aligner is not None:
+            frames, face = aligner(window.frames, window.ticks)
+        elif window.frames is not None:
+            frames = torch.from_numpy(np.stack(window.frames)).permute(0, 3, 1, 2)
+        rows.append(Row(window.start_s, window.end_s, face))
+        if face != 0.0:
+            pending.append((rows[-1], *data.clip_views([(frames, window.waveform)], cfg, crops, args.test_views)))
+        if len(pending) == args.batch_size:
+            classify()
+        if progress:
+            progress.update()
+    if pending:
+        classify()
+    return rows
+
+
+def classify_short(args, model, run, path, faces, env):
+    """The one Row of a recording shorter than two windows: its --num_clips x --num_crops test views, as a test
+    set's clip has them (data.load_clips, data.clip_views), the faces of each clip aligned when `faces`."""
+    cfg = model.cfg
+    clips = data.load_clips(data.Sample(path, args.audio, None, row=None), cfg.num_frames, run["sampling_rate"],
+                            cfg.audio_frames, num_clips=args.num_clips, modality=run["modality"])
+    face = None
+    if faces:
+        aligned = [FaceAligner()(list(frames.permute(0, 2, 3, 1).numpy()), list(range(len(frames))))
+                   for frames, _ in clips]
+        face = sum(share for _, share in aligned) / len(aligned)
+        clips = [(frames, waveform) for (frames, share), (_, waveform) in zip(aligned, clips) if share]
+        if not clips:
+            raise data.DataError(f"{path}: no face found in the frames of its {len(aligned)} test clips ({NOT_FACES})")
+    video, audio = data.clip_views(clips, cfg, args.num_crops, args.test_views)
+    scores, features = view_means(model, video[None], audio[None], run["task"], env.device, lambda: autocast(args, env))
+    return Row(0.0, math.nan, face, scores[0], features[0])
+
+
+def recording_rows(args, model, run, path, env):
+    """(rows, seconds, short) of one recording: a Row per window, or one Row for a recording shorter than two
+    windows (known from its container, else once read), and its length in seconds."""
+    modality, cfg = run["modality"], model.cfg
+    faces = face_cropping(args.face_crop, path, modality)
+    hop = max(1, round(args.hop * args.fps)) if args.hop else None
+    recording = data.Recording(path, args.audio, modality, cfg.num_frames, run["sampling_rate"], args.fps, hop)
+    ticks = expected_ticks(path, args.audio, args.fps, modality)
+    if ticks is None or ticks >= 2 * recording.span:
+        windows = 1 + max(0, (ticks or 0) - recording.span) // recording.hop
+        progress = data.Progress(f"{Path(path).name}:", windows + 1, "windows") if windows > 4 else None
+        rows = classify_windows(args, model, run, recording, faces, env, progress)
+        if progress:
+            progress.close()
+        ticks = recording.ticks
+    if ticks >= 2 * recording.span:
+        if faces and not any(row.face for row in rows):
+            raise data.DataError(f"{path}: no face found in any of its {len(rows)} windows ({NOT_FACES})")
+        return rows, ticks / args.fps, False
+    row = classify_short(args, model, run, path, faces, env)
+    row.end_s = ticks / args.fps
+    return [row], ticks / args.fps, True
+
+
+def write_timeline_csv(path, rows, names):
+    """start_s, end_s, face, then a column per class probability (or regression output); empty cells where
+    not measured (face) or not classified (no face)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["start_s", "end_s", "face"] + list(names))
+        for row in rows:
+            scores = [""] * len(names) if row.scores is None else [f"{v:.6f}" for v in row.scores.tolist()]
+            writer.writerow([f"{row.start_s:.4f}", f"{row.end_s:.4f}", "" if row.face is None else f"{row.face:.4f}"]
+                            + scores)
+
+
+def _time_text(seconds, minutes):
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}" if minutes else f"{seconds:g}"
+
+
+def save_timeline_png(path, rows, names, task, title):
+    """Each class's probability (or each regression output) over the recording, a point per window at its
+    middle, the lines broken where a window has no face, grey behind those; a time axis in seconds (minutes
+    and seconds past two minutes), a legend right of the plot."""
+    width, height, left, right, top, bottom = 1000, 380, 56, 170, 34, 46
+    x0, x1, y0, y1 = left, width - right, top, height - bottom  # the plot's box
+    font = ImageFont.load_default(size=13)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    centres = [(row.start_s + row.end_s) / 2 for row in rows]
+    values = torch.stack([torch.full((len(names),), math.nan) if row.scores is None else row.scores.float()
+                          for row in rows])
+    low, high = (0.0, 1.0) if task == "classification" else (values.nan_to_num(math.inf).min().item(),
+                                                              values.nan_to_num(-math.inf).max().item())
+    low, high = (low - 0.5, high + 0.5) if high - low < 1e-9 else (low, high)
+    t0, t1 = rows[0].start_s, max(rows[-1].end_s, rows[0].start_s + 1e-3)
+
+    def x(t):
+        return x0 + (t - t0) / (t1 - t0) * (x1 - x0)
+
+    def y(v):
+        return y1 - (v - low) / (high - low) * (y1 - y0)
+
+    for i, row in enumerate(rows):  # no face: grey from halfway to the window before to halfway to the next
+        if row.scores is None:
+            a = (centres[i - 1] + centres[i]) / 2 if i else row.start_s
+            b = (centres[i] + centres[i + 1]) / 2 if i + 1 < len(rows) else row.end_s
+            draw.rectangle((x(a), y0, x(b), y1), fill=(225, 225, 225))
+    for k in range(5):  # the value axis: 5 grid lines
+        v = low + k * (high - low) / 4
+        draw.line((x0, y(v), x1, y(v)), fill=(210, 210, 210))
+        draw.text((x0 - 6, y(v)), f"{v:.2f}", font=font, fill="black", anchor="rm")
+    minutes = t1 - t0 >= 120
+    step = next(s for s in (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200) if (t1 - t0) / s <= 10)
+    tick = math.ceil(t0 / step) * step
+    while tick <= t1 + 1e-9:
+        draw.line((x(tick), y1, x(tick), y1 + 4), fill="black")
+        draw.text((x(tick), y1 + 6), _time_text(tick, minutes), font=font, fill="black", anchor="mt")
+        tick += step
+    draw.text(((x0 + x1) / 2, height - 6), "time (min:s)" if minutes else "time (s)", font=font, fill="black",
+              anchor="md")
+    for k, name in enumerate(names):
+        colour = TIMELINE_COLOURS[k % len(TIMELINE_COLOURS)]
+        run = []  # the points of one stretch of windows with a face
+        for centre, value in zip(centres + [None], values[:, k].tolist() + [math.nan]):
+            if not math.isnan(value):
+                run.append((x(centre), y(value)))
+                continue
+            if len(run) == 1:
+                draw.ellipse((run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2), fill=colour)
+            elif run:
+                draw.line(run, fill=colour, width=2)
+            run = []
+        legend_y = y0 + 8 + 18 * k
+        draw.line((x1 + 14, legend_y, x1 + 34, legend_y), fill=colour, width=3)
+        draw.text((x1 + 40, legend_y), _fit(name, font, right - 44), font=font, fill="black", anchor="lm")
+    draw.rectangle((x0, y0, x1, y1), outline="black")
+    what = "probability of each class" if task == "classification" else "outputs"
+    draw.text((x0, top // 2), _fit(f"{title}: {what}, a point per window; grey: no face", font, width - x0 - 8),
+              font=font, fill="black", anchor="lm")
+    image.save(path, format="PNG")
+
+
+def recording_summary(path, rows, seconds, names, task, top_k):
+    """One line: the recording, its length, its windows (with a face), and the top classes by mean probability
+    over the windows classified with the share of those where each is on top (regression: each output's mean,
+    least and greatest)."""
+    classified = torch.stack([row.scores for row in rows if row.scores is not None])
+    looked = any(row.face is not None for row in rows)
+    counted = f"{len(rows)} windows" + (f", {len(classified)} with a face" if looked else "")
+    if task == "classification":
+        mean, on_top = classified.mean(0), torch.bincount(classified.argmax(1), minlength=len(names)) / len(classified)
+        parts = [f"{names[c]} {mean[c]:.2f} (on top {on_top[c]:.0%})" for c in mean.argsort(descending=True)[:top_k]]
+    else:
+        parts = [f"{name} {v.mean():.3f} ({v.min():.3f} to {v.max():.3f})" for name, v in zip(names, classified.T)]
+    return f"{path}: {seconds:.1f} s, {counted}: " + ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Frozen-feature evaluation of a checkpoint against random initialisation and no model: linear, k-NN and
 # few-label probes, audio-video retrieval, and the reconstruction loss against the constant predictor
 
 PROBE_L2 = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # the ridge penalties, picked by cross-validation
@@ -621,7 +998,7 @@ def format_probe(results, task):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Summary over the folds of a cross-validation: `python evaluate.py --summarize RUN_DIR ...`
+# 8. Summary over the folds of a cross-validation: `python evaluate.py --summarize RUN_DIR ...`
 
 SUMMARY_FILES = {"best": "predictions-best.csv", "last": "predictions-last.csv"}  # what finetune.py writes
 
@@ -692,7 +1069,7 @@ def summarize_runs(run_dirs, json_path=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Command line
+# 9. Command line
 
 def write_file(path, write, what):
     """write(path), then print where it went, saying so when it replaced an earlier file."""
@@ -720,8 +1097,8 @@ def report_predictions(path, output_dir=None):
     return report(scores, targets, task, names, png, title=str(path))
 
 
-def save_features(path, features):
-    write_file(path, lambda p: np.save(p, features.numpy()), f"features {tuple(features.shape)}, one row per video")
+def save_features(path, features, rows="one row per video"):
+    write_file(path, lambda p: np.save(p, features.numpy()), f"features {tuple(features.shape)}, {rows}")
 
 
 def test_checkpoint(args, model, run, env, names):
@@ -732,7 +1109,7 @@ def test_checkpoint(args, model, run, env, names):
                                         features=bool(args.features))
     rows = [samples[i] for i in indices.tolist()]
     targets = torch.tensor([s.target for s in rows])
-    output_dir = args.output_dir or Path(args.checkpoint).parent / f"eval-{Path(args.checkpoint).stem}"
+    output_dir = default_output_dir(args)
     os.makedirs(output_dir, exist_ok=True)
     write_file(os.path.join(output_dir, "predictions.csv"),
                lambda p: write_predictions(p, [s.video for s in rows], targets, scores, run["task"], names),
@@ -742,28 +1119,71 @@ def test_checkpoint(args, model, run, env, names):
     return report(scores, targets, run["task"], names, os.path.join(output_dir, "confusion.png"), str(args.checkpoint))
 
 
-def classify_video(args, model, run, env, names):
-    """Print the top classes with their probabilities (or the regression values) of one recording:
-    --video (with --audio, or its own audio), or for an audio model --audio alone."""
+def default_output_dir(args):
+    return args.output_dir or Path(args.checkpoint).parent / f"eval-{Path(args.checkpoint).stem}"
+
+
+def classify_recordings(args, model, run, env, names):
+    """--video (files and folders), or an audio model's --audio: per recording NAME.timeline.csv, NAME.timeline.png
+    (and with --features NAME.features.npy, a row per window of the timeline) in --output_dir, and one summary
+    line; a recording shorter than two windows gets one row, its test views' answer, printed as its top
+    classes. A recording that fails is named with the reason and the others go on; returns how many failed."""
     task, modality = run["task"], run["modality"]
     if not args.video and modality != "audio":
         raise ValueError(f"an {'audio-visual' if modality == 'av' else 'video'} model needs --video FILE")
-    sample = data.Sample(args.video, args.audio, None, row=None)
-    loader = test_loader([sample], model.cfg, run["sampling_rate"], args, modality)
-    _, scores, features = predict(model, loader, task, env.device, lambda: autocast(args, env),
-                                  features=bool(args.features))
-    scores = scores[0]
-    names = _names(names, len(scores))
-    print(f"{args.video or args.audio}: {args.num_clips} clips x {args.num_crops} crops")
+    paths = recordings(args.video) if args.video else [args.audio]
+    if len(paths) > 1 and (args.audio or args.features):
+        raise ValueError(f"{len(paths)} recordings: --audio FILE and --features OUT.npy name one recording's "
+                         "(--features alone writes each recording's NAME.features.npy)")
+    if any(face_cropping(args.face_crop, path, modality) for path in paths):
+        try:
+            load_face_models()
+        except ImportError:
+            raise SystemExit(f"evaluate.py: --face_crop {args.face_crop} (video files are aligned as the training "
+                             f"crops were): {FACES_MISSING}, or --face_crop off") from None
+    names = _names(names, model.head.out_features)
+    out = Path(default_output_dir(args))
+    out.mkdir(parents=True, exist_ok=True)
+    failed, seen = 0, {}
+    for path in paths:
+        name = Path(path).name if os.path.isdir(path) else Path(path).stem
+        if name in seen:
+            print(f"evaluate.py: {path}: same name as {seen[name]}: both would be {out / name}.timeline.csv; left out",
+                  file=sys.stderr)
+            failed += 1
+            continue
+        seen[name] = path
+        try:
+            rows, seconds, short = recording_rows(args, model, run, path, env)
+        except data.DataError as e:
+            print(f"evaluate.py: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        write_timeline_csv(out / f"{name}.timeline.csv", rows, names)
+        if short:
+            print_top(path, rows[0].scores, names, task, args)
+        else:
+            save_timeline_png(out / f"{name}.timeline.png", rows, names, task, Path(path).name)
+            print(recording_summary(path, rows, seconds, names, task, args.top_k))
+        if args.features is not None:  # NaN for a window without a face
+            width = next(row.features for row in rows if row.features is not None).shape
+            features = torch.stack([torch.full(width, math.nan) if row.features is None else row.features
+                                    for row in rows])
+            save_features(args.features or out / f"{name}.features.npy", features, "a row per row of the timeline")
+    if len(paths) > 1:
+        print(f"{len(paths) - failed} of {len(paths)} recordings done; their timelines are in {out}/")
+    return failed
+
+
+def print_top(path, scores, names, task, args):
+    """A recording's answer: its top classes with their probabilities (or the regression values)."""
+    print(f"{path}: {args.num_clips} clips x {args.num_crops} crops")
     if task == "classification":
         top = scores.argsort(descending=True)[:args.top_k].tolist()
         lines = _table([[names[c], f"{scores[c].item():.4f}"] for c in top])
     else:
         lines = _table([[name, f"{value:.4f}"] for name, value in zip(names, scores.tolist())])
     print("\n".join("  " + line for line in lines))
-    if args.features:
-        save_features(args.features, features)
-    return scores
 
 
 def build_parser():
@@ -790,13 +1210,27 @@ def build_parser():
     parser.add_argument("--random_seeds", type=int, default=3, help="with --probe: random initialisations compared")
     parser.add_argument("--knn_k", type=int, default=20, help="with --probe: neighbours of the k-NN probe")
     data.add_root_map(parser)
-    parser.add_argument("--video", help="one video file or frame folder to classify (face crops: it does not crop)")
-    parser.add_argument("--audio", help="its audio file (default: the video file's audio; a video model reads none, "
-                                        "an audio model needs only this)")
+    g = parser.add_argument_group("recordings (--video)")
+    g.add_argument("--video", nargs="+", metavar="FILE_OR_FOLDER",
+                   help="recordings to follow window by window: video files, frame folders, and folders of them")
+    g.add_argument("--audio", help="the audio file of one recording (default: the video file's own audio; a video "
+                                   "model reads none, an audio model needs only this)")
+    g.add_argument("--face_crop", choices=FACE_CROP, default="auto",
+                   help="align the faces as the training crops were (OpenFace 2.2's alignment; needs "
+                        "requirements-faces.txt): auto aligns video files and takes frame folders as the crops "
+                        "they are")
+    g.add_argument("--fps", type=float, default=25.0,
+                   help="frames per second the model sees: a recording's frames are taken at this rate by their "
+                        "timestamps (VoxCeleb2's 25; the rate of the data the model was fine-tuned on, e.g. 30 "
+                        "for CREMA-D)")
+    g.add_argument("--hop", type=float, default=None,
+                   help="seconds between windows (default: half a window, 1.28 s for 16 frames 4 apart at 25 fps)")
     parser.add_argument("--class_names", nargs="+",
                         help="names of the classes, in index order (default: the checkpoint's)")
-    parser.add_argument("--top_k", type=int, default=5, help="classes printed for --video")
-    parser.add_argument("--features", metavar="OUT.npy", help="save the features the head sees, one row per video")
+    g.add_argument("--top_k", type=int, default=5, help="classes printed for a recording")
+    parser.add_argument("--features", metavar="OUT.npy", nargs="?", const="",
+                        help="save the features the head sees: one row per video of --data_path; for recordings one "
+                             "row per window, row for row with the timeline (alone: OUTPUT_DIR/NAME.features.npy)")
     parser.add_argument("--output_dir", help="where to write predictions.csv and confusion.png (default: "
                                              "eval-<checkpoint name>/ beside the checkpoint; with --predictions, "
                                              "<file name>-confusion.png beside the file)")
@@ -821,6 +1255,8 @@ def main(argv=None):
             parser.error("--data_path TEST tests a manifest, --video/--audio one recording: give one of them")
         if not (args.data_path or args.video or args.audio):
             parser.error("--checkpoint needs --data_path TEST or --video FILE (an audio model: --audio FILE)")
+        if args.data_path and args.features == "":
+            parser.error("--features OUT.npy: name the file of the manifest's features")
     try:
         if args.predictions:
             report_predictions(args.predictions, args.output_dir)
@@ -841,9 +1277,8 @@ def main(argv=None):
         args.test_views = args.test_views or run.get("test_views", "authors")
         names = args.class_names or run.get("class_names")
         if args.video or args.audio:
-            classify_video(args, model, run, env, names)
-        else:
-            test_checkpoint(args, model, run, env, names)
+            return 1 if classify_recordings(args, model, run, env, names) else 0
+        test_checkpoint(args, model, run, env, names)
     except (ValueError, data.DataError) as e:  # a malformed file or a bad row: the message names it
         raise SystemExit(f"evaluate.py: {e}") from None
     except OSError as e:  # a file that is not there or cannot be read

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import data
+import evaluate
 from tools import face_clips, face_crop
 from tools.face_clips import FACE, PUPILS
 
@@ -36,7 +37,7 @@ def test_alignment_undoes_a_known_similarity():
         r = math.radians(roll)
         m = 2.0 * scale * np.array([[math.cos(r), math.sin(r)], [-math.sin(r), math.cos(r)]])
         landmarks = MEAN_FACE @ m.T + shift
-        a, b = face_crop.alignment(landmarks, SIM_SCALE, SIZE)
+        a, b = evaluate.alignment(landmarks, SIM_SCALE, SIZE)
         np.testing.assert_allclose(landmarks @ a.T + b, MEAN_FACE * SIM_SCALE + SIZE // 2, atol=1e-9)
         assert math.isclose(math.degrees(math.atan2(a[1, 0], a[0, 0])), roll, abs_tol=1e-9)  # turned back upright
         assert math.isclose(np.linalg.det(a), (SIM_SCALE / (2 * scale)) ** 2, rel_tol=1e-9)
@@ -49,7 +50,7 @@ def test_warp_moves_a_pixel_where_the_matrix_says():
     r = math.radians(30)
     a = 1.5 * np.array([[math.cos(r), -math.sin(r)], [math.sin(r), math.cos(r)]])
     b = np.array([40.0, 10.0]) - a @ (37, 21) + (0.0, 30.0)  # pixel (37, 21) goes to (40, 40)
-    out = np.asarray(face_crop.warp(Image.fromarray(image), a, b, 80)).astype(float)
+    out = np.asarray(evaluate.warp(Image.fromarray(image), a, b, 80)).astype(float)
     y, x = np.unravel_index(out.argmax(), out.shape)
     assert (x, y) == (40, 40)
     weights = out / out.sum()
@@ -59,7 +60,7 @@ def test_warp_moves_a_pixel_where_the_matrix_says():
 
 def test_without_the_extra_one_line_says_what_to_install(media, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib raises ImportError
-    monkeypatch.setattr(face_crop, "_MODELS", None)
+    monkeypatch.setattr(evaluate, "_FACE_MODELS", None)
     with pytest.raises(SystemExit) as exit_info:
         face_crop.main([media.video("clip.mp4", 5), "--out", str(tmp_path / "faces")])
     message = str(exit_info.value.code)
@@ -173,11 +174,11 @@ def test_rerun_skips_finished_clips_and_an_interrupted_clip_leaves_no_folder(cre
     faces = tmp_path / "faces"
     write, written = face_crop._write, []
 
-    def interrupted(image, landmarks, scale, size, path):
+    def interrupted(image, landmarks, size, path):
         written.append(path)
         if len(written) == 15:  # the 5th frame of the second clip
             raise KeyboardInterrupt
-        write(image, landmarks, scale, size, path)
+        write(image, landmarks, size, path)
 
     monkeypatch.setattr(face_crop, "_write", interrupted)
     with pytest.raises(KeyboardInterrupt):

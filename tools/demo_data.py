@@ -2,7 +2,8 @@
 
     python tools/demo_data.py OUT_DIR [--seed 0]
 
-writes OUT_DIR/videos/*.mp4 (H.264 + AAC), train.csv (240 clips), test.csv (80) and classes.txt.
+writes OUT_DIR/videos/*.mp4 (H.264 + AAC), train.csv (240 clips), test.csv (80) and classes.txt, and
+OUT_DIR/recording.mp4: 40 s of one speaker showing the four emotions in turn, 10 s each (recording.csv).
 
 Built so that what pre-training can learn is there to learn, and so that a class cannot be read off
 trivial statistics of one modality:
@@ -151,8 +152,31 @@ def _demo_clip(seed, split_id, index, label):
     return _demo_face(rng, *_DEMO_FACE[name], pitch, timbre, opening), wave
 
 
+RECORDING_SECONDS = 10  # per emotion of the demo recording
+
+
+def write_demo_recording(out_dir, seed=0):
+    """OUT_DIR/recording.mp4: one speaker (one face, one voice) showing DEMO_CLASSES in turn, RECORDING_SECONDS
+    each, for evaluate.py --video; OUT_DIR/recording.csv names its segments (start_s, end_s, emotion)."""
+    out_dir = Path(out_dir)
+    pitch, timbre = np.random.default_rng([seed, 2, 0]).uniform(size=2)
+    frames, waves, rows = [], [], ["start_s,end_s,emotion\n"]
+    for i, name in enumerate(DEMO_CLASSES):
+        wave, env = _demo_voice(np.random.default_rng([seed, 2, 1, i]), *_DEMO_VOICE[name], pitch, timbre,
+                                RECORDING_SECONDS * SAMPLE_RATE)
+        opening = env.reshape(-1, _DEMO_HOP).mean(1)
+        # the same generator for every segment's face: the same head, background and light throughout
+        frames.append(_demo_face(np.random.default_rng([seed, 2, 0]), *_DEMO_FACE[name], pitch, timbre, opening))
+        waves.append(wave)
+        rows.append(f"{i * RECORDING_SECONDS},{(i + 1) * RECORDING_SECONDS},{name}\n")
+    _write_mp4(out_dir / "recording.mp4", np.concatenate(frames), np.concatenate(waves))
+    (out_dir / "recording.csv").write_text("".join(rows))
+    return str(out_dir / "recording.mp4")
+
+
 def write_demo(out_dir, seed=0, num_train=240, num_test=80):
-    """Write the demo set: OUT_DIR/videos/*.mp4, train.csv, test.csv and classes.txt.
+    """Write the demo set: OUT_DIR/videos/*.mp4, train.csv, test.csv and classes.txt, and the demo recording
+    (write_demo_recording).
 
     Manifest rows are `<video path> <audio path> <label>` with absolute paths; the audio path is the
     .mp4 itself. Classes are balanced (clip i has label i % 4). Returns the two manifest paths.
@@ -174,8 +198,8 @@ def write_demo(out_dir, seed=0, num_train=240, num_test=80):
         manifest = out_dir / f"{split}.csv"
         manifest.write_text("".join(rows))
         manifests.append(str(manifest))
+    write_demo_recording(out_dir, seed)
     return manifests[0], manifests[1]
-
 
 
 def main(argv=None):

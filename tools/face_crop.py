@@ -12,7 +12,8 @@ The alignment is OpenFace 2.2's (FaceAnalyser, Face_utils.cpp AlignFace with its
 points that move least with expression) onto OpenFace's mean face (its PDM, carried in
 tools/openface_mean_shape_68.txt) scaled by SIZE x 0.7 / 112, the face's centre (the mean of its 68
 landmarks, where OpenFace puts the origin of its fitted 3D shape) moved to the middle, bilinear, black
-outside the frame, no mask, jpg quality 95.
+outside the frame, no mask, jpg quality 95. It is evaluate.py's (section 5), which aligns the faces of a
+recording in memory for `evaluate.py --video` the same way.
 
 The landmarks are dlib's (its HOG face detector and its 68-point shape predictor, the same 68-point scheme as
 OpenFace's), from the optional requirements-faces.txt; nothing is downloaded at run time. dlib's 68-point
@@ -35,124 +36,28 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for python tools/face_crop.py
-from data import DataError, Progress, _open, _reading  # noqa: E402
+import data  # noqa: E402
+from data import DataError, Progress, open_media, reading  # noqa: E402
+from evaluate import FaceFollower, aligned_face, load_face_models, nearest_landmarks  # noqa: E402
 
-MEAN_SHAPE = np.loadtxt(Path(__file__).with_name("openface_mean_shape_68.txt"))[:, :2]  # (68, 2) mm, x right, y down
-# OpenFace's rigid points (Face_utils.cpp, extract_rigid_points): cheeks, nose bridge and base, eye corners.
-RIGID = [1, 2, 3, 4, 12, 13, 14, 15, 27, 28, 29, 31, 32, 33, 34, 35, 36, 39, 40, 41, 42, 45, 46, 47]
-TRACK_SIZE, TRACK_SCALE = 200, 1.0  # the upright view the face is looked for in, and its pixels per mm
-VIDEO_EXTENSIONS = (".flv", ".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts")
-EXTRA_MISSING = ("tools/face_crop.py needs dlib and its 68-point landmark model: "
-                 "pip install -r requirements-faces.txt")
-
-
-_MODELS = None  # loaded once per process
+EXTRA_MISSING = "tools/face_crop.py needs dlib and its 68-point landmark model: pip install -r requirements-faces.txt"
 
 
 def load_models():
-    """dlib's HOG face detector and 68-point shape predictor; SystemExit with one line if not installed."""
-    global _MODELS
-    if _MODELS is None:
-        try:
-            import dlib
-            import face_recognition_models
-        except ImportError:
-            raise SystemExit(EXTRA_MISSING) from None
-        _MODELS = dlib.get_frontal_face_detector(), dlib.shape_predictor(
-            face_recognition_models.pose_predictor_model_location())
-    return _MODELS
+    """dlib's detector and landmark model (evaluate.load_face_models); SystemExit with one line if not installed."""
+    try:
+        return load_face_models()
+    except ImportError:
+        raise SystemExit(EXTRA_MISSING) from None
 
 
-# 1. Geometry: OpenFace's similarity alignment
-
-def similarity(src, dst):
-    """The 2 x 2 matrix A (scale times rotation) of OpenFace's AlignShapesWithScale: both point sets centred,
-    the scale the ratio of their RMS radii, the rotation Kabsch's (no reflection); dst - mean ~ A (src - mean)."""
-    src, dst = src - src.mean(0), dst - dst.mean(0)
-    scale = np.sqrt((dst ** 2).sum() / (src ** 2).sum())
-    u, _, vt = np.linalg.svd(src.T @ dst)
-    d = np.sign(np.linalg.det(vt.T @ u.T))
-    return scale * (vt.T @ np.diag([1.0, d]) @ u.T)
-
-
-def alignment(landmarks, scale, size):
-    """(A, b): the affine map x -> A x + b from frame pixels to the size x size aligned face, whose rigid points
-    match MEAN_SHAPE * scale (pixels per mm) and whose centre is the middle pixel (size // 2, as OpenFace)."""
-    a = similarity(landmarks[RIGID], MEAN_SHAPE[RIGID] * scale)
-    return a, size // 2 - a @ landmarks.mean(0)
-
-
-def warp(image, a, b, size):
-    """The size x size image out(x) = image(A^-1 (x - b)), bilinear, black outside: OpenCV's warpAffine with
-    pixel centres at integers, written for Pillow, whose pixel centres are at +0.5."""
-    inv = np.linalg.inv(a)
-    offset = 0.5 - inv @ (b + 0.5)
-    return image.transform((size, size), Image.Transform.AFFINE, (*inv[0], offset[0], *inv[1], offset[1]),
-                           Image.Resampling.BILINEAR)
-
-
-# 2. Landmarks of one clip
-
-class FaceFollower:
-    """The 68 landmarks of one face through a clip, frame by frame; None where it is not found."""
-
-    def __init__(self, models):
-        self.detector, self.predictor = models
-        self.previous = None  # the last frame's landmarks
-
-    def _shape(self, gray, box):
-        parts = self.predictor(gray, box).parts()
-        return np.array([(p.x, p.y) for p in parts], dtype=np.float64)
-
-    def _in_frame(self, gray):
-        """Landmarks of the largest face in the whole frame (the one nearest the previous face when following)."""
-        boxes = self.detector(gray, 0) or self.detector(gray, 1)  # faces of 80 pixels and up, then 40
-        if not boxes:
-            return None
-        if self.previous is None:
-            box = max(boxes, key=lambda r: r.area())
-        else:
-            centre = self.previous.mean(0)
-            reach = np.ptp(self.previous, axis=0).max()  # not a new person elsewhere in the frame
-            box = min(boxes, key=lambda r: np.hypot(*(_centre(r) - centre)))
-            if np.hypot(*(_centre(box) - centre)) > reach:
-                return None
-        return self._shape(gray, box)
-
-    def _near_previous(self, image):
-        """Landmarks from the upright view of the previous face; None if the detector finds no face there."""
-        a, b = alignment(self.previous, TRACK_SCALE, TRACK_SIZE)
-        view = np.asarray(warp(image, a, b, TRACK_SIZE))
-        boxes = self.detector(view, 0)
-        if not boxes:
-            return None
-        box = min(boxes, key=lambda r: np.hypot(*(_centre(r) - TRACK_SIZE / 2)))
-        return (self._shape(view, box) - b) @ np.linalg.inv(a).T
-
-    def __call__(self, gray_image):
-        """Landmarks (68, 2) in frame pixels of the face in this frame (a grayscale PIL image), or None."""
-        landmarks = self._near_previous(gray_image) if self.previous is not None else None
-        if landmarks is None:
-            landmarks = self._in_frame(np.asarray(gray_image))
-        if landmarks is not None:
-            self.previous = landmarks
-        return landmarks
-
-
-def _centre(rect):
-    return np.array([(rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2])
-
-
-# 3. One clip
+# 1. One clip
 
 def frames(path):
     """The frames of a video file in display order, as RGB PIL images; DataError naming the file."""
-    with _reading(path, "video"):
-        container = _open(path)
+    with reading(path, "video"):
+        container = open_media(path)
         with container:
             if not container.streams.video:
                 raise DataError(f"{path}: no video stream")
@@ -180,34 +85,30 @@ def frame_name(i):
 
 def crop_clip(path, folder, size, models):
     """Write folder/frame_det_00_NNNNNN.jpg for every frame of the video at path; returns (frames, frames
-    without a detection). DataError if it cannot be decoded or shows no face."""
-    scale = size * 0.7 / 112  # OpenFace's -simsize alone: SIZE frames the face as its default 112 does
-    follow, found, missing = FaceFollower(models), {}, []
+    without a detection). DataError if it cannot be decoded or shows no face. A frame without a detection takes
+    the landmarks of its nearest frame with one (evaluate.nearest_landmarks): the clip is decoded twice rather
+    than held in memory."""
+    follow, found = FaceFollower(models), []
     for i, image in enumerate(frames(path)):
-        landmarks = follow(image.convert("L"))
-        if landmarks is None:
-            missing.append(i)
-            continue
-        found[i] = landmarks
-        _write(image, landmarks, scale, size, os.path.join(folder, frame_name(i)))
-    if not found:
+        found.append(follow(image.convert("L")))
+        if found[-1] is not None:
+            _write(image, found[-1], size, os.path.join(folder, frame_name(i)))
+    missing = [i for i, landmarks in enumerate(found) if landmarks is None]
+    if len(missing) == len(found):
         raise DataError(f"{path}: no face found in any of its {len(missing)} frames")
-    if missing:  # decode again for the frames without a face: each takes its nearest frame's landmarks
-        detected = np.array(sorted(found))
-        wanted = set(missing)
+    if missing:
+        filled, wanted = nearest_landmarks(found), set(missing)
         for i, image in enumerate(frames(path)):
             if i in wanted:
-                nearest = detected[np.abs(detected - i).argmin()]
-                _write(image, found[nearest], scale, size, os.path.join(folder, frame_name(i)))
-    return len(found) + len(missing), len(missing)
+                _write(image, filled[i], size, os.path.join(folder, frame_name(i)))
+    return len(found), len(missing)
 
 
-def _write(image, landmarks, scale, size, path):
-    a, b = alignment(landmarks, scale, size)
-    warp(image, a, b, size).save(path, quality=95)  # OpenCV's imwrite default, as OpenFace writes
+def _write(image, landmarks, size, path):
+    aligned_face(image, landmarks, size).save(path, quality=95)  # OpenCV's imwrite default, as OpenFace writes
 
 
-# 4. Many clips
+# 2. Many clips
 
 def clip_inputs(inputs):
     """The video files named, and those in the folders named (by extension, in name order); DataError for
@@ -216,7 +117,7 @@ def clip_inputs(inputs):
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(str(p) for p in Path(item).iterdir()
-                           if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith("."))
+                           if p.suffix.lower() in data.VIDEO_EXTENSIONS and not p.name.startswith("."))
             if not found:
                 raise DataError(f"{item}: no video files in this folder (its subfolders are not searched: for "
                                 "CREMA-D name its VideoFlash folder)")

@@ -23,7 +23,7 @@ from pathlib import Path
 import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for python tools/prepare.py
-from data import (SAMPLE_RATE, TASKS, DataError, Progress, VideoFile, _reading, add_root_map,  # noqa: E402
+from data import (SAMPLE_RATE, TASKS, DataError, Progress, VideoFile, reading, add_root_map,  # noqa: E402
                   guess_task, read_audio, read_manifest)
 
 PREPARED_X264 = "keyint=32:min-keyint=32:scenecut=0:bframes=3:b-adapt=0:b-pyramid=none:cabac=0"
@@ -50,7 +50,7 @@ def _reencode_video(path, out, crf):
     """Re-encode every frame of a video file as PREPARED_X264, keeping its timestamps; DataError if a
     frame is missing or undecodable."""
     def write(partial):
-        with VideoFile(path) as video, _reading(path, "video"), av.open(partial, "w", format="mp4") as dst:
+        with VideoFile(path) as video, reading(path, "video"), av.open(partial, "w", format="mp4") as dst:
             src = video.stream
             odd = src.codec_context.width % 2 or src.codec_context.height % 2
             enc = dst.add_stream("libx264", rate=src.average_rate or src.guessed_rate,
