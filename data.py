@@ -959,7 +959,7 @@ class Progress:
         if now - self.shown >= (0.5 if self.terminal else 30) or self.done == self.total:
             self.shown = now
             elapsed = max(now - self.start, 1e-9)
-            left = (self.total - self.done) * elapsed / self.done
+            left = max(self.total - self.done, 0) * elapsed / self.done  # a total may be an estimate
             line = (f"{self.what} {self.done}/{self.total} ({self.failed} failed), "
                     f"{self.units / elapsed:.1f} {self.unit}/s, {_duration(left)} left")
             if self.terminal:

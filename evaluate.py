@@ -664,20 +664,13 @@ def write_timeline_csv(path, rows, names):
                             + scores)
 
 
-def _time_text(seconds, minutes):
-    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}" if minutes else f"{seconds:g}"
-
-
 def save_timeline_png(path, rows, names, task, title):
     """Each class's probability (or each regression output) over the recording, a point per window at its
     middle, the lines broken where a window has no face, grey behind those; a time axis in seconds (minutes
     and seconds past two minutes), a legend right of the plot."""
-    width, height, left, right, top, bottom = 1000, 380, 56, 170, 34, 46
-    x0, x1, y0, y1 = left, width - right, top, height - bottom  # the plot's box
-    font = ImageFont.load_default(size=13)
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    centres = [(row.start_s + row.end_s) / 2 for row in rows]
+    image = Image.new("RGB", (1000, 380), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=13)
+    box = (56, 34, 830, 334)  # the plot: left, top, right, bottom; the legend right of it
     values = torch.stack([torch.full((len(names),), math.nan) if row.scores is None else row.scores.float()
                           for row in rows])
     low, high = (0.0, 1.0) if task == "classification" else (values.nan_to_num(math.inf).min().item(),
@@ -686,49 +679,70 @@ def save_timeline_png(path, rows, names, task, title):
     t0, t1 = rows[0].start_s, max(rows[-1].end_s, rows[0].start_s + 1e-3)
 
     def x(t):
-        return x0 + (t - t0) / (t1 - t0) * (x1 - x0)
+        return box[0] + (t - t0) / (t1 - t0) * (box[2] - box[0])
 
     def y(v):
-        return y1 - (v - low) / (high - low) * (y1 - y0)
+        return box[3] - (v - low) / (high - low) * (box[3] - box[1])
 
-    for i, row in enumerate(rows):  # no face: grey from halfway to the window before to halfway to the next
+    centres = [(row.start_s + row.end_s) / 2 for row in rows]
+    _shade_no_face(draw, rows, centres, x, box)
+    for k in range(5):  # the value axis: 5 grid lines
+        v = low + k * (high - low) / 4
+        draw.line((box[0], y(v), box[2], y(v)), fill=(210, 210, 210))
+        draw.text((box[0] - 6, y(v)), f"{v:.2f}", font=font, fill="black", anchor="rm")
+    _time_axis(draw, font, t0, t1, x, box, image.height)
+    for k, name in enumerate(names):
+        colour = TIMELINE_COLOURS[k % len(TIMELINE_COLOURS)]
+        _draw_series(draw, [(x(c), y(v)) for c, v in zip(centres, values[:, k].tolist())], colour)
+        legend_y = box[1] + 8 + 18 * k
+        draw.line((box[2] + 14, legend_y, box[2] + 34, legend_y), fill=colour, width=3)
+        draw.text((box[2] + 40, legend_y), _fit(name, font, image.width - box[2] - 44), font=font, fill="black",
+                  anchor="lm")
+    draw.rectangle(box, outline="black")
+    what = "probability of each class" if task == "classification" else "outputs"
+    grey = "; grey: no face" if any(row.face is not None for row in rows) else ""
+    draw.text((box[0], box[1] // 2), _fit(f"{title}: {what}, a point per window{grey}", font, image.width - 64),
+              font=font, fill="black", anchor="lm")
+    image.save(path, format="PNG")
+
+
+def _shade_no_face(draw, rows, centres, x, box):
+    """Grey behind each window without a face: from halfway to the window before to halfway to the next."""
+    for i, row in enumerate(rows):
         if row.scores is None:
             a = (centres[i - 1] + centres[i]) / 2 if i else row.start_s
             b = (centres[i] + centres[i + 1]) / 2 if i + 1 < len(rows) else row.end_s
-            draw.rectangle((x(a), y0, x(b), y1), fill=(225, 225, 225))
-    for k in range(5):  # the value axis: 5 grid lines
-        v = low + k * (high - low) / 4
-        draw.line((x0, y(v), x1, y(v)), fill=(210, 210, 210))
-        draw.text((x0 - 6, y(v)), f"{v:.2f}", font=font, fill="black", anchor="rm")
+            draw.rectangle((x(a), box[1], x(b), box[3]), fill=(225, 225, 225))
+
+
+def _time_axis(draw, font, t0, t1, x, box, height):
+    """At most 10 ticks a round number of seconds apart, labelled in seconds or, past two minutes, min:s."""
     minutes = t1 - t0 >= 120
     step = next(s for s in (0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200) if (t1 - t0) / s <= 10)
     tick = math.ceil(t0 / step) * step
     while tick <= t1 + 1e-9:
-        draw.line((x(tick), y1, x(tick), y1 + 4), fill="black")
-        draw.text((x(tick), y1 + 6), _time_text(tick, minutes), font=font, fill="black", anchor="mt")
+        label = f"{int(tick) // 60}:{int(tick) % 60:02d}" if minutes else f"{tick:g}"
+        draw.line((x(tick), box[3], x(tick), box[3] + 4), fill="black")
+        draw.text((x(tick), box[3] + 6), label, font=font, fill="black", anchor="mt")
         tick += step
-    draw.text(((x0 + x1) / 2, height - 6), "time (min:s)" if minutes else "time (s)", font=font, fill="black",
-              anchor="md")
-    for k, name in enumerate(names):
-        colour = TIMELINE_COLOURS[k % len(TIMELINE_COLOURS)]
-        run = []  # the points of one stretch of windows with a face
-        for centre, value in zip(centres + [None], values[:, k].tolist() + [math.nan]):
-            if not math.isnan(value):
-                run.append((x(centre), y(value)))
-                continue
-            if len(run) == 1:
-                draw.ellipse((run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2), fill=colour)
-            elif run:
-                draw.line(run, fill=colour, width=2)
-            run = []
-        legend_y = y0 + 8 + 18 * k
-        draw.line((x1 + 14, legend_y, x1 + 34, legend_y), fill=colour, width=3)
-        draw.text((x1 + 40, legend_y), _fit(name, font, right - 44), font=font, fill="black", anchor="lm")
-    draw.rectangle((x0, y0, x1, y1), outline="black")
-    what = "probability of each class" if task == "classification" else "outputs"
-    draw.text((x0, top // 2), _fit(f"{title}: {what}, a point per window; grey: no face", font, width - x0 - 8),
-              font=font, fill="black", anchor="lm")
-    image.save(path, format="PNG")
+    draw.text(((box[0] + box[2]) / 2, height - 6), "time (min:s)" if minutes else "time (s)", font=font,
+              fill="black", anchor="md")
+
+
+def _draw_series(draw, points, colour):
+    """Lines through the points (x, y), broken at a NaN y; a point alone is a dot."""
+    stretches = [[]]
+    for point in points:
+        if math.isnan(point[1]):
+            stretches.append([])
+        else:
+            stretches[-1].append(point)
+    for stretch in stretches:
+        if len(stretch) == 1:
+            (px, py), = stretch
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+        elif stretch:
+            draw.line(stretch, fill=colour, width=2)
 
 
 def recording_summary(path, rows, seconds, names, task, top_k):
@@ -1128,10 +1142,35 @@ def classify_recordings(args, model, run, env, names):
     (and with --features NAME.features.npy, a row per window of the timeline) in --output_dir, and one summary
     line; a recording shorter than two windows gets one row, its test views' answer, printed as its top
     classes. A recording that fails is named with the reason and the others go on; returns how many failed."""
-    task, modality = run["task"], run["modality"]
+    paths = recordings(args.video) if args.video else [args.audio]
+    check_recordings(args, run["modality"], paths)
+    names = _names(names, model.head.out_features)
+    out = Path(default_output_dir(args))
+    out.mkdir(parents=True, exist_ok=True)
+    failed, seen = 0, {}
+    for path in paths:
+        name = Path(path).name if os.path.isdir(path) else Path(path).stem
+        try:
+            if name in seen:
+                raise data.DataError(f"{path}: same name as {seen[name]}: both would be {out / name}.timeline.csv; "
+                                     "left out")
+            seen[name] = path
+            rows, seconds, short = recording_rows(args, model, run, path, env)
+        except data.DataError as e:
+            print(f"evaluate.py: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        write_timeline(args, out / name, path, rows, seconds, short, names, run["task"])
+    if len(paths) > 1:
+        print(f"{len(paths) - failed} of {len(paths)} recordings done; their timelines are in {out}/")
+    return failed
+
+
+def check_recordings(args, modality, paths):
+    """Stop before any work where the recordings cannot be classified: a model without its stream, flags that
+    name one recording's files for several, faces to align without the face extra."""
     if not args.video and modality != "audio":
         raise ValueError(f"an {'audio-visual' if modality == 'av' else 'video'} model needs --video FILE")
-    paths = recordings(args.video) if args.video else [args.audio]
     if len(paths) > 1 and (args.audio or args.features):
         raise ValueError(f"{len(paths)} recordings: --audio FILE and --features OUT.npy name one recording's "
                          "(--features alone writes each recording's NAME.features.npy)")
@@ -1141,38 +1180,21 @@ def classify_recordings(args, model, run, env, names):
         except ImportError:
             raise SystemExit(f"evaluate.py: --face_crop {args.face_crop} (video files are aligned as the training "
                              f"crops were): {FACES_MISSING}, or --face_crop off") from None
-    names = _names(names, model.head.out_features)
-    out = Path(default_output_dir(args))
-    out.mkdir(parents=True, exist_ok=True)
-    failed, seen = 0, {}
-    for path in paths:
-        name = Path(path).name if os.path.isdir(path) else Path(path).stem
-        if name in seen:
-            print(f"evaluate.py: {path}: same name as {seen[name]}: both would be {out / name}.timeline.csv; left out",
-                  file=sys.stderr)
-            failed += 1
-            continue
-        seen[name] = path
-        try:
-            rows, seconds, short = recording_rows(args, model, run, path, env)
-        except data.DataError as e:
-            print(f"evaluate.py: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        write_timeline_csv(out / f"{name}.timeline.csv", rows, names)
-        if short:
-            print_top(path, rows[0].scores, names, task, args)
-        else:
-            save_timeline_png(out / f"{name}.timeline.png", rows, names, task, Path(path).name)
-            print(recording_summary(path, rows, seconds, names, task, args.top_k))
-        if args.features is not None:  # NaN for a window without a face
-            width = next(row.features for row in rows if row.features is not None).shape
-            features = torch.stack([torch.full(width, math.nan) if row.features is None else row.features
-                                    for row in rows])
-            save_features(args.features or out / f"{name}.features.npy", features, "a row per row of the timeline")
-    if len(paths) > 1:
-        print(f"{len(paths) - failed} of {len(paths)} recordings done; their timelines are in {out}/")
-    return failed
+
+
+def write_timeline(args, stem, path, rows, seconds, short, names, task):
+    """STEM.timeline.csv, STEM.timeline.png (not for a short recording: it prints its top classes instead),
+    the summary line, and with --features the features (NaN for a window without a face)."""
+    write_timeline_csv(f"{stem}.timeline.csv", rows, names)
+    if short:
+        print_top(path, rows[0].scores, names, task, args)
+    else:
+        save_timeline_png(f"{stem}.timeline.png", rows, names, task, Path(path).name)
+        print(recording_summary(path, rows, seconds, names, task, args.top_k))
+    if args.features is not None:
+        width = next(row.features for row in rows if row.features is not None).shape
+        features = torch.stack([torch.full(width, math.nan) if row.features is None else row.features for row in rows])
+        save_features(args.features or f"{stem}.features.npy", features, "a row per row of the timeline")
 
 
 def print_top(path, scores, names, task, args):

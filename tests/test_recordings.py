@@ -22,6 +22,7 @@ import finetune
 from conftest import needs_extra
 from test_finetune import TINY, args_for, random_checkpoint
 from tools import face_clips
+from tools.demo_data import recording_agreement, write_demo_recording
 
 SPAN, HOP, FPS = 8, 4, 25  # the tiny model's window and default hop, in ticks of the timeline
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -232,3 +233,52 @@ def test_memory_stays_bounded_over_a_long_recording(media, tmp_path):
         assert code == "0"
         peaks.append(int(peak))
     assert peaks[1] - peaks[0] < 40, peaks
+
+
+def test_the_demo_recording_and_its_agreement_figure(tmp_path):
+    """The demo writer's recording: 40 s of video and audio, its four segments named; a window counts for the
+    agreement figure when it lies wholly inside a segment and has a face, and agrees when its top class is the
+    segment's emotion."""
+    path = write_demo_recording(tmp_path)
+    with data.VideoFile(path, audio=True) as video:
+        assert len(video) == 1000 and abs(video.audio.num_samples - 40 * 16000) < 2048
+    segments = tmp_path / "recording.csv"
+    assert segments.read_text().splitlines() == ["start_s,end_s,emotion", "0,10,neutral", "10,20,happy",
+                                                 "20,30,sad", "30,40,angry"]
+    timeline = tmp_path / "recording.timeline.csv"
+    timeline.write_text("start_s,end_s,face,neutral,happy,sad,angry\n"
+                        "0.0000,2.5600,,0.7,0.1,0.1,0.1\n"  # inside neutral, agrees
+                        "8.9600,11.5200,,0.7,0.1,0.1,0.1\n"  # across two segments: not counted
+                        "10.2400,12.8000,0.5,0.1,0.6,0.2,0.1\n"  # inside happy, agrees
+                        "20.4800,23.0400,0.0,,,,\n"  # no face: not counted
+                        "21.7600,24.3200,,0.1,0.6,0.2,0.1\n")  # inside sad, does not agree
+    assert recording_agreement(timeline, segments) == (2, 3)
+
+
+def test_the_authors_fine_tuned_checkpoint_on_a_long_frame_folder(tmp_path, capsys):
+    """Their checkpoint (the tiny fixture, 4 heads) on 150 OpenFace-style frames (their 75, twice) with 6 s of
+    audio: a frame folder is taken as the crops it is (--face_crop auto), its frames 1 / 25 s apart."""
+    media = Path(__file__).parent / "fixtures" / "authors_test_views_media"
+    folder = tmp_path / "long"
+    folder.mkdir()
+    frames = sorted((media / "1001_DFA_ANG_XX").iterdir())
+    for i, frame in enumerate(frames + frames):
+        (folder / f"frame_det_00_{i + 1:06d}{frame.suffix}").write_bytes(frame.read_bytes())
+    voice = data.read_audio(str(media / "1001_DFA_ANG_XX.wav"))[:, :3 * 16000]
+    wav = tmp_path / "long.wav"
+    with av.open(str(wav), "w") as container:
+        stream = container.add_stream("pcm_f32le", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(torch.cat([voice, voice], 1).numpy(), format="flt", layout="mono")
+        frame.sample_rate = 16000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    out = tmp_path / "out"
+    assert evaluate.main(["--checkpoint", str(Path(__file__).parent / "fixtures" /
+                                             "official_tiny_finetuned_checkpoint-best.pth"), "--heads", "4",
+                          "--video", str(folder), "--audio", str(wav), "--output_dir", str(out), "--device", "cpu"]) == 0
+    rows = read_timeline(out / "long.timeline.csv")
+    # their geometry, 16 frames 4 apart: a window every 32 ticks, the last one ending with the 150th frame
+    assert [round(float(r["start_s"]) * FPS) for r in rows] == [0, 32, 64, 86]
+    assert all(r["face"] == "" and math.isclose(sum(float(r[c]) for c in "01234"), 1, abs_tol=1e-4) for r in rows)
+    assert float(rows[-1]["end_s"]) == 150 / FPS
+    assert f"{folder}: 6.0 s, 4 windows: " in capsys.readouterr().out

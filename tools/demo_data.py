@@ -1,6 +1,7 @@
 """The built-in demo data set: synthetic talking faces with a voice, four emotions.
 
     python tools/demo_data.py OUT_DIR [--seed 0]
+    python tools/demo_data.py OUT_DIR --agreement TIMELINE.csv
 
 writes OUT_DIR/videos/*.mp4 (H.264 + AAC), train.csv (240 clips), test.csv (80) and classes.txt, and
 OUT_DIR/recording.mp4: 40 s of one speaker showing the four emotions in turn, 10 s each (recording.csv).
@@ -18,6 +19,7 @@ trivial statistics of one modality:
 """
 
 import argparse
+import csv
 import sys
 import time
 from pathlib import Path
@@ -202,11 +204,35 @@ def write_demo(out_dir, seed=0, num_train=240, num_test=80):
     return manifests[0], manifests[1]
 
 
+def recording_agreement(timeline, segments):
+    """(agreeing, counted): of the windows of a timeline CSV (evaluate.py --video) that lie wholly inside one
+    segment of the demo recording (recording.csv), how many have that segment's emotion as their top class."""
+    with open(segments, newline="") as f:
+        spans = [(float(r["start_s"]), float(r["end_s"]), r["emotion"]) for r in csv.DictReader(f)]
+    agreeing = counted = 0
+    with open(timeline, newline="") as f:
+        for row in csv.DictReader(f):
+            inside = [name for start, end, name in spans
+                      if start <= float(row["start_s"]) and float(row["end_s"]) <= end]
+            if inside and row[DEMO_CLASSES[0]] != "":
+                counted += 1
+                agreeing += max(DEMO_CLASSES, key=lambda name: float(row[name])) == inside[0]
+    return agreeing, counted
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--agreement", metavar="TIMELINE.csv",
+                        help="print how often a window's top class is its segment's emotion, for the timeline of "
+                             "OUT_DIR/recording.mp4 (evaluate.py --video), instead of writing")
     args = parser.parse_args(argv)
+    if args.agreement:
+        agreeing, counted = recording_agreement(args.agreement, Path(args.out_dir) / "recording.csv")
+        print(f"{agreeing} of {counted} windows wholly inside a segment ({agreeing / counted:.1%}) have its emotion "
+              "as their top class")
+        return
     start = time.perf_counter()
     train, test = write_demo(args.out_dir, args.seed)
     print(f"wrote {train} and {test} in {time.perf_counter() - start:.0f} s")
