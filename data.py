@@ -205,27 +205,33 @@ class VideoFile(_Frames):
                 raise
 
     def _demux(self, audio):
+        """Read every packet of the video stream (and of the audio stream, decoded, when `audio`)."""
         container, path = self.container, self.path
         if not container.streams.video:
             raise DataError(f"{path}: no video stream")
-        self.stream = container.streams.video[0]
-        self.stream.thread_type = "NONE"  # one thread per loader worker; the workers are the parallelism
         if audio and not container.streams.audio:
             raise DataError(f"{path}: no audio stream ({AUDIO_HINT})")
-        streams = [self.stream, container.streams.audio[0]] if audio else [self.stream]
+        self.stream = container.streams.video[0]
+        self.stream.thread_type = "NONE"  # one thread per loader worker; the workers are the parallelism
+        self.time_base = self.stream.time_base
+        audio_stream = container.streams.audio[0] if audio else None
         self.packets, audio_packets = [], []
-        for packet in container.demux(streams):
+        for packet in container.demux([self.stream] + ([audio_stream] if audio else [])):
             if packet.size:
                 (self.packets if packet.stream is self.stream else audio_packets).append(packet)
-        declared, self.time_base = self.stream.frames, self.stream.time_base
-        if any(p.pts is None for p in self.packets):
-            raise DataError(f"{path}: the video packets carry no timestamps (remux the file, e.g. to .mp4)")
+        self._check_packets()
         self.pts = sorted(p.pts for p in self.packets if not p.is_discard)
-        if not self.pts:
-            raise DataError(f"{path}: the video stream holds no frames")
+        self.audio = _decode_audio(path, audio_stream, audio_packets) if audio else None
+
+    def _check_packets(self):
+        """DataError for video packets without timestamps, none to show, or fewer than the stream declares."""
+        if any(p.pts is None for p in self.packets):
+            raise DataError(f"{self.path}: the video packets carry no timestamps (remux the file, e.g. to .mp4)")
+        if not any(not p.is_discard for p in self.packets):
+            raise DataError(f"{self.path}: the video stream holds no frames")
+        declared = self.stream.frames
         if declared and len(self.packets) < declared:
-            raise DataError(f"{path}: truncated: {len(self.packets)} of {declared} video frames present")
-        self.audio = _decode_audio(path, streams[1], audio_packets) if audio else None
+            raise DataError(f"{self.path}: truncated: {len(self.packets)} of {declared} video frames present")
 
     def close(self):
         self.container.close()
@@ -247,12 +253,11 @@ class VideoFile(_Frames):
         first one (from the start if that misses a frame), skipping the non-reference frames not shown."""
         wanted = {self.pts[i] for i in indices}
         first = self.pts[min(indices)]
-        start = max((j for j, p in enumerate(self.packets) if p.is_keyframe and p.pts <= first), default=0)
-        for begin in dict.fromkeys((start, 0)):
-            frames = self._decode(wanted, begin)
-            if len(frames) == len(wanted):
-                break
-        else:
+        keyframe = max((j for j, p in enumerate(self.packets) if p.is_keyframe and p.pts <= first), default=0)
+        frames = self._decode(wanted, keyframe)
+        if len(frames) < len(wanted) and keyframe > 0:  # a keyframe that does not decode on its own
+            frames = self._decode(wanted, 0)
+        if len(frames) < len(wanted):
             missing = min(self.pts.index(p) for p in wanted - frames.keys())
             raise DataError(f"{self.path}: frame {missing} of {len(self)} cannot be decoded (truncated or corrupt)")
         return torch.from_numpy(np.stack([frames[self.pts[i]] for i in indices])).permute(0, 3, 1, 2)
@@ -453,40 +458,53 @@ def _has_video(path):
 MODALITIES = ("av", "audio", "video")
 
 
-def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1, modality="av"):
-    """Clips of a sample, each file opened once: a list of (frames uint8 (T, 3, H, W), waveform (1, n)).
-    Training (a `generator`): one clip at a random start, its audio for frames x stride frames. Test: the
-    authors' `num_clips` clips, the audio up to one stride after the last frame; both capped at the last
-    frame. Modality "audio": frames None (not decoded); "video": waveforms None (not read)."""
-    span = num_frames * sampling_rate
+def open_sample(sample, modality="av"):
+    """(frames, audio) of a sample: frames a VideoFile or FrameFolder (audio without video: an AudioTimeline),
+    to be closed by the caller; audio a Waveform or WavFile (the video file's own, or the sample's audio file),
+    or None for a video model."""
+    audio_path = sample.audio or sample.video
+    if modality == "audio" and not _has_video(sample.video):  # an audio file alone
+        audio = open_audio(audio_path)
+        return AudioTimeline(audio.num_samples), audio
     own_audio = sample.audio is None or sample.audio == sample.video
+    video = open_video(sample.video, audio=own_audio and modality != "video")
     try:
-        audio_path = sample.audio or sample.video
-        if modality == "audio" and not _has_video(sample.video):
-            audio = open_audio(audio_path)
-            video = AudioTimeline(audio.num_samples)
-        else:
-            video = open_video(sample.video, audio=own_audio and modality != "video")
+        if modality == "video":
+            return video, None
+        if sample.audio is None and isinstance(video, FrameFolder):
+            raise DataError(f"{sample.video}: a frame folder has no audio ({AUDIO_HINT})")
+        return video, video.audio if own_audio else open_audio(audio_path)
+    except BaseException:
+        video.close()
+        raise
+
+
+def clip_spans(num_available, num_frames, sampling_rate, generator=None, num_clips=1):
+    """[(frame indices, last frame of the audio window)] of the clips of a video: training (a `generator`)
+    one clip at a random start, its audio for frames x stride frames; test the authors' `num_clips` clips, the
+    audio up to one stride after the last frame; both capped at the last frame."""
+    last_frame, span = num_available - 1, num_frames * sampling_rate
+    if generator is not None:
+        start = random_start(num_available, span, generator)
+        return [(clip_indices(num_available, start, num_frames, sampling_rate), min(start + span, last_frame))]
+    return [(indices, min(indices[-1] + sampling_rate, last_frame))
+            for indices in test_clips(num_available, num_frames, sampling_rate, num_clips)]
+
+
+def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generator=None, num_clips=1, modality="av"):
+    """Clips of a sample (clip_spans), each file opened once: a list of (frames uint8 (T, 3, H, W), waveform
+    (1, n)). Modality "audio": frames None (not decoded); "video": waveforms None (not read)."""
+    audio_path = sample.audio or sample.video
+    try:
+        video, audio = open_sample(sample, modality)
         with video:
-            if sample.audio is None and isinstance(video, FrameFolder) and modality != "video":
-                raise DataError(f"{sample.video}: a frame folder has no audio ({AUDIO_HINT})")
-            if not isinstance(video, AudioTimeline):
-                audio = None if modality == "video" else video.audio if own_audio else open_audio(audio_path)
             if audio is not None and audio.num_samples <= MIN_AUDIO_SAMPLES:
                 raise DataError(f"{audio_path}: only {audio.num_samples} audio samples")
-            last_frame = len(video) - 1
-            if generator is not None:
-                start = random_start(len(video), span, generator)
-                windows = [(clip_indices(len(video), start, num_frames, sampling_rate), min(start + span, last_frame))]
-            else:
-                windows = [(indices, min(indices[-1] + sampling_rate, last_frame))
-                           for indices in test_clips(len(video), num_frames, sampling_rate, num_clips)]
-            clips = [(None if modality == "audio" else video.read(indices),
-                      None if audio is None else audio_window(video, audio, indices[0], last, audio_frames, audio_path))
-                     for indices, last in windows]
+            return [(None if modality == "audio" else video.read(indices),
+                     None if audio is None else audio_window(video, audio, indices[0], last, audio_frames, audio_path))
+                    for indices, last in clip_spans(len(video), num_frames, sampling_rate, generator, num_clips)]
     except DataError as e:
         raise DataError(f"{sample.row}: {e}" if sample.row else str(e)) from None
-    return clips
 
 
 # Recordings of any length (evaluate.py --video): a stream of windows, each one clip as the model was trained on.

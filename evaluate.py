@@ -20,7 +20,6 @@ import csv
 import json
 import math
 import os
-import statistics
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -210,25 +209,31 @@ def read_predictions(path):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    header = reader.fieldnames or []
-    task = "classification" if header[1:2] == ["target"] else "regression"
-    prefix = "score_" if task == "classification" else "pred_"
-    names = [c[len(prefix):] for c in header if c.startswith(prefix)]
-    target_columns = ["target"] if task == "classification" else [f"target_{n}" for n in names]
-    if not names or header != ["path"] + target_columns + [prefix + n for n in names]:
-        raise ValueError(f"{path}: not a predictions file (header {header})")
+    task, names, target_columns, score_columns = _prediction_columns(reader.fieldnames or [], path)
     for line, row in enumerate(rows, start=2):
         if None in row or None in row.values():  # where DictReader puts cells beyond the header, or missing ones
             raise ValueError(f"{path}:{line}: not one cell per column of the header")
     try:
         targets = torch.tensor([[float(row[c]) for c in target_columns] for row in rows], dtype=torch.float64)
-        scores = torch.tensor([[float(row[prefix + n]) for n in names] for row in rows], dtype=torch.float64)
+        scores = torch.tensor([[float(row[c]) for c in score_columns] for row in rows], dtype=torch.float64)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     targets = targets.reshape(len(rows), len(target_columns))
     if task == "classification":
         targets = targets[:, 0].long()
     return [row["path"] for row in rows], targets, scores.reshape(len(rows), len(names)), task, names
+
+
+def _prediction_columns(header, path):
+    """(task, names, target columns, score columns) of a predictions file's header, or ValueError."""
+    task = "classification" if header[1:2] == ["target"] else "regression"
+    prefix = "score_" if task == "classification" else "pred_"
+    names = [c[len(prefix):] for c in header if c.startswith(prefix)]
+    target_columns = ["target"] if task == "classification" else [f"target_{n}" for n in names]
+    score_columns = [prefix + n for n in names]
+    if not names or header != ["path"] + target_columns + score_columns:
+        raise ValueError(f"{path}: not a predictions file (header {header})")
+    return task, names, target_columns, score_columns
 
 
 # ----------------------------------------------------------------------------------------------
@@ -938,11 +943,8 @@ def seed_statistics(results):
             {k: float(np.std([r[k] for r in results])) for k in scalars})
 
 
-def probe_checkpoint(args):
-    """Probe --checkpoint, the same model at random initialisation and no model: print, and write --json."""
-    env = setup(args)
-    model, run = load_finetuned(args.checkpoint, env.device, num_outputs=1, log=None, heads=args.heads)
-    cfg = model.cfg
+def probe_data(args, env):
+    """(task, training samples, test samples) of the probes: --data_path and --test_path, by default the demo's."""
     if args.data_path is None:
         args.data_path, args.test_path = demo_manifests(env)
     if args.test_path is None:
@@ -950,7 +952,15 @@ def probe_checkpoint(args):
     task = data.guess_task(args.data_path)
     if task == "pretrain":
         raise ValueError(f"{args.data_path}: the probes need labelled rows (a class index or regression targets)")
-    train_samples, test_samples = (data.read_manifest(p, args.root_map, task) for p in (args.data_path, args.test_path))
+    return (task, *(data.read_manifest(path, args.root_map, task) for path in (args.data_path, args.test_path)))
+
+
+def probe_checkpoint(args):
+    """Probe --checkpoint, the same model at random initialisation and no model: print, and write --json."""
+    env = setup(args)
+    model, run = load_finetuned(args.checkpoint, env.device, num_outputs=1, log=None, heads=args.heads)
+    cfg = model.cfg
+    task, train_samples, test_samples = probe_data(args, env)
     train_y, test_y = (torch.tensor([s.target for s in samples]) for samples in (train_samples, test_samples))
     num_classes = int(max(train_y.max(), test_y.max())) + 1 if task == "classification" else None
     loaders = [test_loader(samples, cfg, run["sampling_rate"], args) for samples in (train_samples, test_samples)]
@@ -1022,22 +1032,11 @@ def summarize(run_dirs):
     names: each folder's scalar metrics (fractions; regression's per dimension too) of its predictions-best.csv
     and predictions-last.csv (a folder of evaluate.py --checkpoint: predictions.csv for both), their mean and
     sample sd (n - 1; None for one fold)."""
-    def over_folds(statistic, values):  # per dimension where each fold has a list
-        return [statistic(list(v)) for v in zip(*values)] if isinstance(values[0], list) else statistic(values)
-
-    sd = statistics.stdev if len(run_dirs) > 1 else (lambda values: None)
     summary, tasks = {}, {}
     for kind, file_name in SUMMARY_FILES.items():
         folds = {}
         for run_dir in run_dirs:
-            path = os.path.join(run_dir, file_name)
-            single = os.path.join(run_dir, "predictions.csv")
-            if os.path.exists(single) and not any(os.path.exists(os.path.join(run_dir, name))
-                                                  for name in SUMMARY_FILES.values()):
-                path = single
-            elif not os.path.isfile(path):
-                raise ValueError(f"{path}: no such file (a run folder of finetune.py holds predictions-best.csv "
-                                 "and predictions-last.csv; one of evaluate.py --checkpoint, predictions.csv)")
+            path = _predictions_file(run_dir, file_name)
             _, targets, scores, task, names = read_predictions(path)
             tasks.setdefault((task, tuple(names) if task == "regression" else None), path)
             if len(tasks) > 1:
@@ -1045,11 +1044,25 @@ def summarize(run_dirs):
             metrics = compute_metrics(scores, targets, task, names)
             folds[run_dir] = {k: v for k, v in metrics.items()
                               if k in CLASSIFICATION_KEYS or k.removeprefix("per_dim_") in REGRESSION_KEYS}
-        columns = {k: [m[k] for m in folds.values()] for k in folds[run_dirs[0]]}
-        summary[kind] = dict(folds=folds, mean={k: over_folds(statistics.mean, v) for k, v in columns.items()},
-                             sd={k: over_folds(sd, v) for k, v in columns.items()})
+        # a metric is a number or, per dimension, a list: numpy's statistics over axis 0 take either
+        columns = {k: np.array([m[k] for m in folds.values()], dtype=np.float64) for k in folds[run_dirs[0]]}
+        mean = {k: v.mean(0).tolist() for k, v in columns.items()}
+        sd = {k: v.std(0, ddof=1).tolist() if len(run_dirs) > 1 else None for k, v in columns.items()}
+        summary[kind] = dict(folds=folds, mean=mean, sd=sd)
     task, names = next(iter(tasks))
     return summary, task, names
+
+
+def _predictions_file(run_dir, file_name):
+    """run_dir's file_name, or the predictions.csv of an evaluate.py --checkpoint folder (which has no other)."""
+    single = os.path.join(run_dir, "predictions.csv")
+    if os.path.exists(single) and not any(os.path.exists(os.path.join(run_dir, n)) for n in SUMMARY_FILES.values()):
+        return single
+    path = os.path.join(run_dir, file_name)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file (a run folder of finetune.py holds predictions-best.csv and "
+                         "predictions-last.csv; one of evaluate.py --checkpoint, predictions.csv)")
+    return path
 
 
 def summarize_runs(run_dirs, json_path=None):
@@ -1273,39 +1286,55 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.checkpoint and not args.probe:
-        if args.data_path and (args.video or args.audio):
-            parser.error("--data_path TEST tests a manifest, --video/--audio one recording: give one of them")
-        if not (args.data_path or args.video or args.audio):
-            parser.error("--checkpoint needs --data_path TEST or --video FILE (an audio model: --audio FILE)")
-        if args.data_path and args.features == "":
-            parser.error("--features OUT.npy: name the file of the manifest's features")
+        check_checkpoint_usage(parser, args)
     try:
-        if args.predictions:
-            report_predictions(args.predictions, args.output_dir)
-            return 0
-        if args.summarize:
-            summarize_runs(args.summarize, args.json)
-            return 0
-        if args.probe:
-            args.num_clips, args.num_crops, args.dtype = args.num_clips or 2, args.num_crops or 2, args.dtype or "fp32"
-            probe_checkpoint(args)
-            return 0
-        env = setup(args)
-        model, run = load_finetuned(args.checkpoint, env.device, heads=args.heads)
-        if env.device.type == "cuda":  # the run's dtype; on CPU only an explicit --dtype
-            args.dtype = args.dtype or run.get("dtype")
-        args.num_clips = args.num_clips or run.get("num_clips", 2)
-        args.num_crops = args.num_crops or run.get("num_crops", 2)
-        args.test_views = args.test_views or run.get("test_views", "authors")
-        names = args.class_names or run.get("class_names")
-        if args.video or args.audio:
-            return 1 if classify_recordings(args, model, run, env, names) else 0
-        test_checkpoint(args, model, run, env, names)
+        return run_command(args)
     except (ValueError, data.DataError) as e:  # a malformed file or a bad row: the message names it
         raise SystemExit(f"evaluate.py: {e}") from None
     except OSError as e:  # a file that is not there or cannot be read
         raise SystemExit(f"evaluate.py: {e.filename}: {e.strerror}") from None
+
+
+def check_checkpoint_usage(parser, args):
+    """A usage error unless --checkpoint has one thing to test: a manifest or recordings."""
+    if args.data_path and (args.video or args.audio):
+        parser.error("--data_path TEST tests a manifest, --video/--audio one recording: give one of them")
+    if not (args.data_path or args.video or args.audio):
+        parser.error("--checkpoint needs --data_path TEST or --video FILE (an audio model: --audio FILE)")
+    if args.data_path and args.features == "":
+        parser.error("--features OUT.npy: name the file of the manifest's features")
+
+
+def run_command(args):
+    """Do what the flags ask: recompute a predictions file's metrics, summarise folds, probe a checkpoint, or
+    test a fine-tuned checkpoint on a manifest or recordings. Returns the exit status."""
+    if args.predictions:
+        report_predictions(args.predictions, args.output_dir)
+        return 0
+    if args.summarize:
+        summarize_runs(args.summarize, args.json)
+        return 0
+    if args.probe:
+        args.num_clips, args.num_crops, args.dtype = args.num_clips or 2, args.num_crops or 2, args.dtype or "fp32"
+        probe_checkpoint(args)
+        return 0
+    env = setup(args)
+    model, run = load_finetuned(args.checkpoint, env.device, heads=args.heads)
+    test_as_run(args, run, env)
+    names = args.class_names or run.get("class_names")
+    if args.video or args.audio:
+        return 1 if classify_recordings(args, model, run, env, names) else 0
+    test_checkpoint(args, model, run, env, names)
     return 0
+
+
+def test_as_run(args, run, env):
+    """What the flags leave open, as the run tested: its views and, on a GPU, its dtype (on CPU only --dtype)."""
+    args.num_clips = args.num_clips or run.get("num_clips", 2)
+    args.num_crops = args.num_crops or run.get("num_crops", 2)
+    args.test_views = args.test_views or run.get("test_views", "authors")
+    if env.device.type == "cuda":
+        args.dtype = args.dtype or run.get("dtype")
 
 
 if __name__ == "__main__":
