@@ -39,13 +39,12 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for python tools/face_crop.py
-from data import DataError, Progress, _open, _reading  # noqa: E402
+from data import VIDEO_EXTENSIONS, DataError, Progress, _open, _reading  # noqa: E402
 
 MEAN_SHAPE = np.loadtxt(Path(__file__).with_name("openface_mean_shape_68.txt"))[:, :2]  # (68, 2) mm, x right, y down
 # OpenFace's rigid points (Face_utils.cpp, extract_rigid_points): cheeks, nose bridge and base, eye corners.
 RIGID = [1, 2, 3, 4, 12, 13, 14, 15, 27, 28, 29, 31, 32, 33, 34, 35, 36, 39, 40, 41, 42, 45, 46, 47]
 TRACK_SIZE, TRACK_SCALE = 200, 1.0  # the upright view the face is looked for in, and its pixels per mm
-VIDEO_EXTENSIONS = (".flv", ".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts")
 EXTRA_MISSING = ("tools/face_crop.py needs dlib and its 68-point landmark model: "
                  "pip install -r requirements-faces.txt")
 
