@@ -1074,6 +1074,10 @@ def _usable(clips):
     return usable, problems
 
 
+def _plural(count, noun):
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
 def _split_names(folds):
     """(name, bin of its test set) of each split: the single split tests bin 1 (bin 0 trains); fold K tests bin K-1."""
     return [("", 1)] if folds is None else [(f"split{k + 1:02d}", k) for k in range(folds)]
@@ -1086,8 +1090,8 @@ def _check_sizes(clips, classes, folds, grouped):
         members = [c for c in clips if c.label == label]
         groups = len({c.group for c in members})
         if groups < bins:
-            what = f"{len(members)} readable clip{'s' * (len(members) != 1)}"
-            what += f" of {groups} group{'s' * (groups != 1)} (--group)" if grouped else ""
+            what = f"{_plural(len(members), 'usable clip')}"
+            what += f" of {_plural(groups, 'group')} (--group)" if grouped else ""
             need = ("a train and a test side" if folds is None
                     else f"{folds} folds (every fold's test set needs one of each class)")
             raise DataError(f"{folder}: {what}, too few for {need}")
@@ -1179,8 +1183,9 @@ def folders(root, out_dir, test_fraction=0.2, folds=None, seed=0, group=None, vi
     print("\n".join(lines))
     left_out = sum(problems.values())
     named = f" (named above: {problems['unreadable']} unreadable, {problems['crops']} without face crops)"
-    print(f"{left_out} clips left out{named if left_out else ''}, {sum(c.audio != c.path for c in usable)} with a wav "
-          f"beside them, {len(ignored)} other entries ignored" + (f" (e.g. {ignored[0]})" if ignored else ""))
+    example = f" (e.g. {ignored[0]})" if ignored else ""
+    print(f"{_plural(left_out, 'clip')} left out{named if left_out else ''}, {sum(c.audio != c.path for c in usable)} "
+          f"with a wav beside them; other entries ignored: {len(ignored)}{example}")
     return left_out
 
 

@@ -72,8 +72,8 @@ def test_class_folders_become_rows_classes_and_a_split_by_clip(tree, tmp_path, c
     printed = capsys.readouterr().out
     assert "the split is by clip, not by speaker" in printed
     wavs = sum(audio.endswith(".wav") for _, audio, _ in expected.values())
-    assert wavs == 6 and printed.splitlines()[-1] == (f"0 clips left out, {wavs} with a wav beside them, 3 other "
-                                                      f"entries ignored (e.g. {root}/README.txt)")
+    assert wavs == 6 and printed.splitlines()[-1] == (f"0 clips left out, {wavs} with a wav beside them; other "
+                                                      f"entries ignored: 3 (e.g. {root}/README.txt)")
     for fraction in (0.2, 0.3, 0.5):
         for seed in (0, 1):
             split = tmp_path / f"f{fraction}_s{seed}"
@@ -137,7 +137,7 @@ def test_videos_take_the_face_crops_and_name_a_clip_without_them(tree, tmp_path,
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (f"{root}/sad/spk04_sad_take2.mp4: no face crops: {faces}/spk04_sad_take2 is missing "
                         "(tools/face_crop.py names the clips it could not crop)")
-    assert lines[-1].startswith("1 clips left out (named above: 0 unreadable, 1 without face crops)")
+    assert lines[-1].startswith("1 clip left out (named above: 0 unreadable, 1 without face crops)")
     got = set(rows(out / "train.csv")) | set(rows(out / "test.csv"))
     assert got == {(f"{faces}/{name}", audio, str(label)) for name, (_, audio, label) in expected.items()
                    if name != "spk04_sad_take2"}  # the audio stays the clip's own (or its wav)
@@ -191,10 +191,10 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path, names, flags, messa
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--folds", "4"], "{root}/sad: 3 readable clips, too few for 4 folds (every fold's test set needs one of each "
+    (["--folds", "4"], "{root}/sad: 3 usable clips, too few for 4 folds (every fold's test set needs one of each "
                        "class)"),
-    (["--group", GROUP], "{root}/sad: 3 readable clips of 1 group (--group), too few for a train and a test side"),
-    (["--folds", "3", "--group", GROUP], "{root}/happy: 4 readable clips of 2 groups (--group), too few for 3 folds"),
+    (["--group", GROUP], "{root}/sad: 3 usable clips of 1 group (--group), too few for a train and a test side"),
+    (["--folds", "3", "--group", GROUP], "{root}/happy: 4 usable clips of 2 groups (--group), too few for 3 folds"),
 ])
 def test_a_class_too_small_for_the_split_is_named(media, flags, message):
     src = media.video("av.mp4", 8, audio=("aac", 16000, media.tone(0.4, 16000, [0.5])))
@@ -226,7 +226,7 @@ def test_a_class_of_two_speakers_gets_one_on_each_side(media, tmp_path):
 
 
 def test_groups_that_cannot_give_every_class_both_sides_are_named(media, tmp_path):
-    """Three speakers of two classes each (a and b, b and c, a and c): whichever side holds one speaker lacks a class."""
+    """Three speakers of two classes each (a and b, b and c, a and c): the side that holds one speaker lacks a class."""
     src = media.video("av.mp4", 8, audio=("aac", 16000, media.tone(0.4, 16000, [0.5])))
     root = media.root / "clips"
     for spk, classes in (("spk01", "ab"), ("spk02", "bc"), ("spk03", "ac")):
