@@ -1,16 +1,19 @@
 """Data for HiCMAE, in the order the data flows: manifests, decoding, clip sampling, log-Mel features, masks,
-transforms, data sets, and the command line (python data.py check|scan|crema-d). Every random choice of an item comes
-from a generator seeded by (seed, epoch, index): an item does not depend on the number of workers or processes.
+transforms, data sets, and the command line (python data.py check|scan|crema-d|folders). Every random choice of an
+item comes from a generator seeded by (seed, epoch, index): an item does not depend on the number of workers or
+processes.
 """
 
 import argparse
 import math
 import os
+import random
 import re
 import sys
 import time
 import warnings
 import wave
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,7 +39,9 @@ MIN_AUDIO_SAMPLES = 1024  # a window of this many samples (64 ms) or fewer is un
 AUDIO_ONLY_FPS = 25  # the frame rate given to audio without video (data sets' videos are 25 or 30 fps)
 AUDIO_HINT = "name its audio file: a manifest row's <audio> field, or evaluate.py --audio FILE"
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-VIDEO_EXTENSIONS = (".mp4", ".flv", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts")
+# The files taken for videos where a folder is listed (data.py folders, evaluate.py --video, tools/face_crop.py);
+# any case.
+VIDEO_EXTENSIONS = (".flv", ".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts")
 TASKS = ("pretrain", "classification", "regression")
 MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
 # The 13 crop positions of the pre-training crop, in quarters of the free room (x, y).
@@ -956,7 +961,7 @@ class FinetuneDataset(_ClipDataset):
 
 
 
-# 6. Command line: python data.py check|scan|crema-d
+# 6. Command line: python data.py check|scan|crema-d|folders
 
 class Progress:
     """The progress line of a long job (data.py check, tools/face_crop.py), on stderr:
@@ -1057,6 +1062,11 @@ def check(manifest, root_map=(), workers=0, task=None, num_frames=16, sampling_r
     return failed
 
 
+def _no_whitespace(path):
+    if any(ch.isspace() for ch in str(path)):
+        raise DataError(f"{path}: the path must not contain whitespace (manifests are space separated)")
+
+
 def scan(root, out, audio_root=None):
     """Write a pre-training manifest for a VoxCeleb2-style tree ROOT/idXXXXX/<youtube id>/NNNNN.mp4; the audio
     is the .m4a or .wav of the same relative name under `audio_root` if any, else the video's own stream."""
@@ -1120,8 +1130,7 @@ def crema_d(root, out_dir, video_dir=None):
     audio_dir = os.path.join(os.path.abspath(root), "AudioWAV")
     video_dir = os.path.abspath(video_dir or os.path.join(root, "VideoFlash"))
     for path in (audio_dir, video_dir):
-        if any(ch.isspace() for ch in path):
-            raise DataError(f"{path}: the path must not contain whitespace (manifests are space separated)")
+        _no_whitespace(path)
     audio, ignored_audio = _cremad_clips(audio_dir, audio=True)
     video, ignored_video = _cremad_clips(video_dir, audio=False)
     found = audio.keys() | video.keys()
@@ -1150,6 +1159,271 @@ def crema_d(root, out_dir, video_dir=None):
     return missing
 
 
+# Class folders: ROOT/<class>/<clip>, a clip being a video file (VIDEO_EXTENSIONS) or a frame folder, with NAME.wav
+# beside it as its audio when there is one. Class indices follow the sorted folder names. The split assigns whole
+# groups (--group's match, or else each clip alone) to splits, so a group never sits on both sides.
+
+@dataclass
+class _Clip:
+    name: str  # the file's name without its extension, or the frame folder's name
+    path: str  # the video file or frame folder in its class folder
+    audio: str | None  # NAME.wav beside it, else the video file itself (None: a frame folder without a wav)
+    label: int
+    video: str  # what the manifest names: the path, or FACES_DIR/NAME
+    group: str  # the unit of the split: --group's match, or the path
+
+
+def _listing(folder):
+    """(name, is a folder, path) of each entry of a folder, by name."""
+    with os.scandir(folder) as listing:
+        return sorted((e.name, e.is_dir(), e.path) for e in listing)
+
+
+def _class_clips(folder, label):
+    """The clips of one class folder, and its entries that are neither a clip nor a clip's wav (ignored)."""
+    clips, wavs, other = [], {}, []
+    for name, is_dir, path in _listing(folder):
+        stem, ext = (name, "") if is_dir else os.path.splitext(name)
+        if name.startswith("."):
+            other.append(path)
+        elif is_dir or ext.lower() in VIDEO_EXTENSIONS:
+            clips.append(_Clip(stem, path, None if is_dir else path, label, path, path))
+        elif ext.lower() == ".wav":
+            wavs[stem] = path
+        else:
+            other.append(path)
+    for clip in clips:
+        clip.audio = wavs.pop(clip.name, clip.audio)
+    if not clips:
+        raise DataError(f"{folder}: an empty class folder: no video file and no frame folder in it "
+                        f"({len(other) + len(wavs)} other entries); remove it or add its clips")
+    return clips, other + list(wavs.values())
+
+
+def _find_clips(root, skip):
+    """Every clip under root/<class>/ (by class, then name), the class folders, and the entries ignored (those
+    in `skip` among them: the output and crops folders where they lie in root)."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such folder")
+    _no_whitespace(root)
+    entries = _listing(root)
+    classes = [path for name, is_dir, path in entries if is_dir and not name.startswith(".") and path not in skip]
+    if not classes:
+        raise DataError(f"{root}: no class folders in it (ROOT/<class>/<clip>: one folder per class)")
+    clips, ignored = [], [path for _, _, path in entries if path not in classes]
+    for label, folder in enumerate(classes):
+        _no_whitespace(folder)
+        found, other = _class_clips(folder, label)
+        clips, ignored = clips + found, ignored + other
+    return clips, classes, ignored
+
+
+def _group_key(name, group):
+    """--group's match in a clip's name (its first group, or the whole match without one), or None."""
+    match = group.search(name)
+    return match and match.group(1 if group.groups else 0)
+
+
+def _name_clips(clips, video_dir, group):
+    """Check that no two clips share a name; set each clip's video (FACES_DIR/NAME) and group (--group's match)."""
+    first = {}
+    for clip in clips:
+        if clip.name in first:
+            again = len(clips) - len({c.name for c in clips})
+            raise DataError(f"{first[clip.name]} and {clip.path}: two clips named {clip.name} ({again} in all share "
+                            "an earlier clip's name); a clip's wav, face crops and predictions are found by its name: "
+                            "rename one")
+        first[clip.name] = clip.path
+        if video_dir:
+            clip.video = os.path.join(video_dir, clip.name)
+    for clip in clips if group else ():
+        clip.group = _group_key(clip.name, group)
+        if not clip.group:
+            unmatched = sum(not _group_key(c.name, group) for c in clips)
+            raise DataError(f"{clip.path}: the name {clip.name} does not match --group '{group.pattern}' "
+                            f"({unmatched} of {len(clips)} clips do not)")
+
+
+def _probe(path, kind, hint=""):
+    """DataError unless path holds a `kind` stream ("video" or "audio"; a frame folder: frames). The container is
+    opened and its streams looked at; nothing is decoded."""
+    if os.path.isdir(path):
+        if not any(n.lower().endswith(FRAME_EXTENSIONS) for n in os.listdir(path)):
+            raise DataError(f"{path}: no jpg/png/bmp frames in the folder")
+        return
+    with reading(path, kind), open_media(path) as container:
+        if not getattr(container.streams, kind):
+            raise DataError(f"{path}: no {kind} stream{hint}")
+
+
+def _clip_problem(clip):
+    """("crops" or "unreadable", why the clip cannot be used), or None."""
+    if clip.video != clip.path and not os.path.isdir(clip.video):
+        return "crops", (f"{clip.path}: no face crops: {clip.video} is missing (tools/face_crop.py names the clips "
+                         "it could not crop)")
+    if clip.audio is None:
+        return "unreadable", f"{clip.path}: a frame folder without its audio: put it beside it as {clip.name}.wav"
+    try:
+        _no_whitespace(clip.path)
+        _no_whitespace(clip.audio)
+        _probe(clip.video, "video")
+        _probe(clip.audio, "audio", f" (and no {clip.name}.wav beside it)" if clip.audio == clip.path else "")
+    except DataError as e:
+        return "unreadable", str(e)
+    return None
+
+
+def _usable(clips):
+    """The clips that can be read, and a Counter of the others' problems; each of them is printed, with its reason."""
+    progress = Progress("folders:", len(clips), "clips")
+    usable, problems = [], Counter()
+    for clip in clips:
+        problem = _clip_problem(clip)
+        if problem:
+            progress.note(problem[1])
+            problems[problem[0]] += 1
+        else:
+            usable.append(clip)
+        progress.update(problem is not None)
+    progress.close()
+    return usable, problems
+
+
+def _plural(count, noun):
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def _split_names(folds):
+    """(name, bin of its test set) of each split: the single split tests bin 1 (bin 0 trains); fold K tests bin K-1."""
+    return [("", 1)] if folds is None else [(f"split{k + 1:02d}", k) for k in range(folds)]
+
+
+def _check_sizes(clips, classes, folds, grouped):
+    """DataError for a class with fewer clips (groups) than the split has sides or folds."""
+    bins = 2 if folds is None else folds
+    for label, folder in enumerate(classes):
+        members = [c for c in clips if c.label == label]
+        groups = len({c.group for c in members})
+        if groups < bins:
+            what = f"{_plural(len(members), 'usable clip')}"
+            what += f" of {_plural(groups, 'group')} (--group)" if grouped else ""
+            need = ("a train and a test side" if folds is None
+                    else f"{folds} folds (every fold's test set needs one of each class)")
+            raise DataError(f"{folder}: {what}, too few for {need}")
+
+
+def _placement(sizes, count, weight, totals):
+    """The rank of a bin for a group holding sizes[c] clips of class c, the bin holding count[c] of them: first the
+    classes that would get their first clip there (more first), then the increase of the squared error of the
+    bin's shares of the classes (count[c] / totals[c]) against its weight (less first)."""
+    new = sum(count[c] == 0 for c in sizes)
+    cost = sum(s / totals[c] * (2 * (count[c] / totals[c] - weight) + s / totals[c]) for c, s in sizes.items())
+    return -new, cost
+
+
+def _assign(clips, weights, seed):
+    """({group: bin}, a Counter of classes per bin): the groups, shuffled by random.Random(seed) and then the
+    largest first, each go to the best-placed bin (_placement; the first of equals). Each clip alone (no --group),
+    every class's count in a bin ends within one clip of its weight times the class's clips."""
+    members = {}
+    for clip in clips:
+        members.setdefault(clip.group, []).append(clip.label)
+    order = sorted(members)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))  # stable: the shuffle orders the groups of one size
+    totals, counts, bins = Counter(c.label for c in clips), [Counter() for _ in weights], {}
+    for g in order:
+        sizes = Counter(members[g])
+        bins[g] = min(range(len(weights)), key=lambda b: _placement(sizes, counts[b], weights[b], totals))
+        counts[bins[g]].update(sizes)
+    return bins, counts
+
+
+def _check_coverage(counts, classes, folds):
+    """DataError for a class without a clip in a bin (its groups went elsewhere with those of other classes)."""
+    for label, folder in enumerate(classes):
+        for b, count in enumerate(counts):
+            if not count[label]:
+                where = f"split{b + 1:02d}'s test set" if folds else ("the training set", "the test set")[b]
+                raise DataError(f"{folder}: no clip in {where}: its groups went elsewhere with the other classes "
+                                "they hold (another --seed may find a split; else fewer folds or another fraction)")
+
+
+def _write_splits(out_dir, clips, bins, classes, folds, grouped):
+    """OUT/{train,test}.csv (or OUT/split0K/) with classes.txt beside them and in OUT; a line per split."""
+    names = "".join(os.path.basename(folder) + "\n" for folder in classes)
+    totals = Counter(c.label for c in clips)
+    lines = []
+    for name, test in _split_names(folds):
+        split = Path(out_dir) / name
+        split.mkdir(parents=True, exist_ok=True)
+        sides = {part: [c for c in clips if (bins[c.group] == test) == (part == "test")] for part in ("train", "test")}
+        for part, members in sides.items():
+            (split / f"{part}.csv").write_text("".join(f"{c.video} {c.audio} {c.label}\n" for c in members))
+        (split / "classes.txt").write_text(names)
+        shares = [n / totals[c] for c, n in Counter(c.label for c in sides["test"]).items()]
+        counts = [f"{len(m)} {part}" + (f" ({len({c.group for c in m})} groups)" if grouped else "")
+                  for part, m in sides.items()]
+        lines.append(f"{split}: {' and '.join(counts)} clips; each class's test share "
+                     f"{min(shares):.1%} to {max(shares):.1%}")
+    (Path(out_dir) / "classes.txt").write_text(names)
+    return lines
+
+
+def folders(root, out_dir, test_fraction=0.2, folds=None, seed=0, group=None, video_dir=None):
+    """Write OUT/{train,test}.csv and classes.txt (with `folds`: OUT/split01..split0K/ of them) for the class folders
+    ROOT/<class>/<clip> (see the note above); the frames from video_dir/NAME/ when given. A clip that cannot be read
+    or lacks its crops is printed and left out; returns how many were. DataError for what stops the split."""
+    root, group = os.path.abspath(root), group and re.compile(group)
+    if video_dir:
+        video_dir = os.path.abspath(video_dir)
+        if not os.path.isdir(video_dir):
+            raise DataError(f"{video_dir}: no such folder (the face crops, tools/face_crop.py --out)")
+        _no_whitespace(video_dir)
+    clips, classes, ignored = _find_clips(root, (os.path.abspath(out_dir), video_dir))
+    _name_clips(clips, video_dir, group)
+    usable, problems = _usable(clips)
+    _check_sizes(usable, classes, folds, bool(group))
+    bins, counts = _assign(usable, [1 - test_fraction, test_fraction] if folds is None else [1 / folds] * folds, seed)
+    _check_coverage(counts, classes, folds)
+    lines = _write_splits(out_dir, usable, bins, classes, folds, bool(group))
+    names = [os.path.basename(folder) for folder in classes]
+    print(f"{len(usable)} clips of {len(classes)} classes written to {out_dir}; classes.txt: {', '.join(names)} "
+          "(class indices 0, 1, ... in the sorted order of the folder names)")
+    if group:
+        print(f"split by --group '{group.pattern}': {len(bins)} groups, each on one side of every split")
+    else:
+        print("the split is by clip, not by speaker: one speaker's clips can be on both sides (--group REGEX keeps "
+              "them together)")
+    print("\n".join(lines))
+    left_out = sum(problems.values())
+    named = f" (named above: {problems['unreadable']} unreadable, {problems['crops']} without face crops)"
+    example = f" (e.g. {ignored[0]})" if ignored else ""
+    print(f"{_plural(left_out, 'clip')} left out{named if left_out else ''}, {sum(c.audio != c.path for c in usable)} "
+          f"with a wav beside them; other entries ignored: {len(ignored)}{example}")
+    return left_out
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a fraction between 0 and 1 (both excluded), got {text}")
+    return value
+
+
+def _fold_count(text):
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"a number of folds, 2 or more, got {text}")
+    return int(text)
+
+
+def _regex(text):
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {e}") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1169,12 +1443,29 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder of the folds and classes.txt")
     p.add_argument("--videos", metavar="VIDEO_DIR", help="the clips' frame folders NAME/ (OpenFace's aligned faces) "
                    "or videos NAME.* (default: ROOT/VideoFlash)")
+    p = commands.add_parser("folders", help="write manifests and a split for class folders ROOT/<class>/<clip>")
+    p.add_argument("root", help="a folder per class holding its clips: video files or frame folders, NAME.wav "
+                   "beside a clip being its audio")
+    p.add_argument("--out", required=True, help="folder of train.csv, test.csv and classes.txt (or of the folds)")
+    sides = p.add_mutually_exclusive_group()
+    sides.add_argument("--test_fraction", type=_fraction, default=0.2,
+                       help="each class's share in test.csv (default 0.2)")
+    sides.add_argument("--folds", type=_fold_count, metavar="K", help="write OUT/split01..split0K instead, each "
+                       "clip in one fold's test set")
+    p.add_argument("--seed", type=int, default=0, help="the split's random order (default 0)")
+    p.add_argument("--group", type=_regex, metavar="REGEX", help="clips whose names give the same match (its first "
+                   "group) stay on one side of every split, e.g. '^(spk\\d+)_' for the speaker of spk03_take2.mp4")
+    p.add_argument("--videos", metavar="FACES_DIR", help="each clip's frames from FACES_DIR/NAME/ "
+                   "(tools/face_crop.py's crops); the audio stays the clip's own")
     args = parser.parse_args(argv)
-    if args.command == "crema-d":
-        try:
+    try:
+        if args.command == "crema-d":
             return 1 if crema_d(args.root, args.out, args.videos) else 0
-        except DataError as e:
-            raise SystemExit(f"data.py crema-d: {e}") from None
+        if args.command == "folders":
+            left_out = folders(args.root, args.out, args.test_fraction, args.folds, args.seed, args.group, args.videos)
+            return 1 if left_out else 0
+    except DataError as e:
+        raise SystemExit(f"data.py {args.command}: {e}") from None
     if args.command == "check":
         failed = check(args.manifest, args.root_map, args.workers, args.task, args.num_frames,
                        args.sampling_rate)
