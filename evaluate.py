@@ -349,12 +349,16 @@ def predict(model, loader, task, device, amp=nullcontext, features=False):
 def view_means(model, video, audio, task, device, amp=nullcontext):
     """(scores, features) of items given as views (B, V, ...): the class probabilities (or the outputs) and the
     features the head sees, each averaged over an item's views, float32 on the CPU."""
-    b, v = video.shape[:2]
+    views = video.shape[1]
     with amp():
         feature = model.forward_features(video.to(device).flatten(0, 1), audio.to(device).flatten(0, 1))
-        out = model.head(feature).float().view(b, v, -1)
-    scores = (out.softmax(-1) if task == "classification" else out).mean(1)
-    return scores.cpu(), feature.float().view(b, v, -1).mean(1).cpu()
+        out = model.head(feature).float()
+    return mean_over_views(out.softmax(-1) if task == "classification" else out, views), mean_over_views(feature, views)
+
+
+def mean_over_views(x, views):
+    """Values per view (B x V, ...) -> per item (B, ...): the mean over each item's V views, float32 on the CPU."""
+    return x.float().view(-1, views, *x.shape[1:]).mean(1).cpu()
 
 
 def test_loader(samples, cfg, sampling_rate, args, modality="av"):
@@ -856,7 +860,7 @@ def extract_features(models, loader, device, inter_layers):
     outs = [{} for _ in range(len(models) + 1)]
     for batch in loader:
         video, audio = batch["video"].flatten(0, 1), batch["audio"].flatten(0, 1)  # (B * V, ...)
-        b, v = batch["video"].shape[:2]
+        views = batch["video"].shape[1]
         pooled = F.adaptive_avg_pool3d(video, (video.shape[2], 4, 4))  # (BV, 3, T, 4, 4)
         found = [dict(plain_audio=torch.cat([audio.mean(2).flatten(1), audio.std(2).flatten(1)], 1),
                       plain_video=torch.cat([pooled.mean(2).flatten(1), pooled.std(2).flatten(1)], 1))]
@@ -869,7 +873,7 @@ def extract_features(models, loader, device, inter_layers):
             found.insert(-1, values)
         for out, values in zip(outs, found):
             for k, x in values.items():
-                out.setdefault(k, []).append(x.float().cpu().view(b, v, *x.shape[1:]).mean(1))
+                out.setdefault(k, []).append(mean_over_views(x, views))
             out.setdefault("index", []).append(torch.as_tensor(batch["index"]))
     results = []
     for out in outs:
