@@ -26,8 +26,8 @@ from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEY
 from model import HiCMAEClassifier, HiCMAEConfig, checkpoint_config, configure_optimizer, load_checkpoint
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
-                      broadcast_object, check_output_dir, close, demo_manifests, make_loader, model_config, parse_args,
-                      resume_path, save_checkpoint, setup, train)
+                      broadcast_object, check_output_dir, close, demo_manifests, end_workers, make_loader, model_config,
+                      parse_args, resume_path, save_checkpoint, setup, train)
 
 # 1. Arguments: the authors' recipe as defaults (paper Sec. 4.1 and their fine-tuning scripts)
 
@@ -285,10 +285,13 @@ def main(argv=None):
         if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:
             tester(epoch)
 
-    finished = train(args, env, raw_model, optimizer, loader, finetuning_loss_fn(args), log, on_epoch_end)
-    if finished and not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
-        log("testing the model as it stands")
-        tester(args.epochs - 1, select=False)
+    try:
+        finished = train(args, env, raw_model, optimizer, loader, finetuning_loss_fn(args), log, on_epoch_end)
+        if finished and not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
+            log("testing the model as it stands")
+            tester(args.epochs - 1, select=False)
+    finally:
+        end_workers(loader, tester.loader)
     if env.master and finished:
         log(f"test metrics of the last epoch ({args.num_clips} clips x {args.num_crops} crops, "
             f"{len(test_samples)} videos):\n{format_metrics(tester.last, args.class_names)}")
