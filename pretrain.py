@@ -498,7 +498,7 @@ def epoch_batches(loader, manifest):
         handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         yield from batches
     except data.DataError as e:  # from a worker, under the worker's traceback: its last line is the message
-        line = str(e).strip().splitlines()[-1].removeprefix("data.DataError: ")
+        line = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
         raise LoaderFailed(f"{line}; is the data root still there? (`python data.py check {manifest}` checks every "
                            "row; once the data is back, the same command goes on)") from None
     except Exception:  # a dead worker shows as one of several errors; is one dead, or dying (wait up to 1 s)?
