@@ -26,8 +26,8 @@ from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEY
 from model import HiCMAEClassifier, HiCMAEConfig, checkpoint_config, configure_optimizer, load_checkpoint
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
-                      broadcast_object, check_output_dir, close, demo_manifests, make_loader, model_config, parse_args,
-                      resume_path, save_checkpoint, setup, train)
+                      broadcast_object, check_output_dir, close, demo_manifests, end_workers, make_loader, model_config,
+                      parse_args, resume_path, save_checkpoint, setup, train)
 
 # 1. Arguments: the authors' recipe as defaults (paper Sec. 4.1 and their fine-tuning scripts)
 
@@ -74,33 +74,37 @@ def build_parser():
 # 2. Data: the manifests say the task, the number of outputs and the class names
 
 def read_data(args):
-    """(train samples, test samples); fills in args.task, args.num_outputs and args.class_names."""
+    """(train samples, test samples); fills in args.task, args.class_names and args.num_outputs."""
     args.task = args.task or data.guess_task(args.data_path)
     if args.task not in ("classification", "regression"):
         raise SystemExit(f"{args.data_path}: rows have no labels; fine-tuning needs a class index or "
                          "regression targets after <video> <audio>")
     train_samples = data.read_manifest(args.data_path, args.root_map, args.task)
     test_samples = data.read_manifest(args.test_path, args.root_map, args.task)
-    names = Path(args.data_path).parent / "classes.txt"
-    if args.task == "classification" and not args.class_names and names.exists():
-        args.class_names = [line.strip() for line in names.read_text().splitlines() if line.strip()]
-    if args.num_outputs is None and args.class_names:
-        args.num_outputs = len(args.class_names)
-    elif args.num_outputs is None:
-        args.num_outputs = (1 + max(s.target for s in train_samples + test_samples)
-                            if args.task == "classification" else len(train_samples[0].target))
-    if args.class_names and len(args.class_names) != args.num_outputs:
-        raise SystemExit(f"{len(args.class_names)} class names for {args.num_outputs} outputs")
-    for s in train_samples + test_samples:
-        if (s.target >= args.num_outputs if args.task == "classification" else len(s.target) != args.num_outputs):
-            raise SystemExit(f"{s.row}: target {s.target} does not fit {args.num_outputs} outputs")
+    set_outputs(args, train_samples + test_samples)
     if args.labels_per_class:  # few-label fine-tuning: a subset drawn with --seed (evaluate's probes draw alike)
         if args.task != "classification":
             raise SystemExit("--labels_per_class needs a classification task")
-        targets = torch.tensor([s.target for s in train_samples])
-        keep = few_label_subsets(targets, args.labels_per_class, 1, args.seed)[0]
-        train_samples = [train_samples[i] for i in sorted(keep.tolist())]
+        keep = few_label_subsets(torch.tensor([s.target for s in train_samples]), args.labels_per_class, 1, args.seed)
+        train_samples = [train_samples[i] for i in sorted(keep[0].tolist())]
     return train_samples, test_samples
+
+
+def set_outputs(args, samples):
+    """args.class_names (for classification: else classes.txt beside the training manifest) and args.num_outputs
+    (else one per class name, or the largest class index + 1, or a regression target's length); a row's target
+    that does not fit them stops in one line."""
+    names = Path(args.data_path).parent / "classes.txt"
+    if args.task == "classification" and not args.class_names and names.exists():
+        args.class_names = [line.strip() for line in names.read_text().splitlines() if line.strip()]
+    if args.num_outputs is None:
+        args.num_outputs = (len(args.class_names) if args.class_names else 1 + max(s.target for s in samples)
+                            if args.task == "classification" else len(samples[0].target))
+    if args.class_names and len(args.class_names) != args.num_outputs:
+        raise SystemExit(f"{len(args.class_names)} class names for {args.num_outputs} outputs")
+    for s in samples:
+        if (s.target >= args.num_outputs if args.task == "classification" else len(s.target) != args.num_outputs):
+            raise SystemExit(f"{s.row}: target {s.target} does not fit {args.num_outputs} outputs")
 
 
 # 3. Model and optimiser: layer-wise learning-rate decay (paper Sec. 4.1)
@@ -239,6 +243,17 @@ DEMO = dict(DEMO_MODEL, output_dir="runs/demo_finetune", batch_size=16, epochs=1
 DEMO_INIT = Path(PRETRAIN_DEMO["output_dir"]) / "last.pth"  # what `python pretrain.py` leaves
 
 
+def use_demo(args, env, log):
+    """The demo data set, from the demo pre-training checkpoint if there is one (--init '' starts from scratch)."""
+    args.data_path, args.test_path = demo_manifests(env)
+    log(f"no --data_path: fine-tuning a small model on the demo data set ({args.data_path})")
+    if args.init is None and DEMO_INIT.exists():
+        args.init = str(DEMO_INIT)
+    elif not DEMO_INIT.exists():
+        log(f"no demo pre-training checkpoint ({DEMO_INIT}; `python pretrain.py` writes one)")
+    log(f"starting from the pre-trained weights {args.init}" if args.init else "fine-tuning from scratch")
+
+
 def main(argv=None):
     t0 = time.time()
     args = parse_args(build_parser(), argv, DEMO)
@@ -246,13 +261,7 @@ def main(argv=None):
     check_output_dir(args.output_dir)
     log = Logger(args.output_dir, env.master)
     if args.data_path is None:
-        args.data_path, args.test_path = demo_manifests(env)
-        log(f"no --data_path: fine-tuning a small model on the demo data set ({args.data_path})")
-        if args.init is None and DEMO_INIT.exists():  # --init '' starts from scratch all the same
-            args.init = str(DEMO_INIT)
-        elif not DEMO_INIT.exists():
-            log(f"no demo pre-training checkpoint ({DEMO_INIT}; `python pretrain.py` writes one)")
-        log(f"starting from the pre-trained weights {args.init}" if args.init else "fine-tuning from scratch")
+        use_demo(args, env, log)
     if args.test_path is None:
         raise SystemExit("--test_path is required with --data_path (the model is tested after every epoch)")
     train_samples, test_samples = read_data(args)
@@ -276,10 +285,13 @@ def main(argv=None):
         if (epoch + 1) % args.test_every == 0 or epoch + 1 == args.epochs:
             tester(epoch)
 
-    finished = train(args, env, raw_model, optimizer, loader, finetuning_loss_fn(args), log, on_epoch_end)
-    if finished and not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
-        log("testing the model as it stands")
-        tester(args.epochs - 1, select=False)
+    try:
+        finished = train(args, env, raw_model, optimizer, loader, finetuning_loss_fn(args), log, on_epoch_end)
+        if finished and not tester.tested:  # nothing was tested in this process (e.g. a finished run resumed)
+            log("testing the model as it stands")
+            tester(args.epochs - 1, select=False)
+    finally:
+        end_workers(loader, tester.loader)
     if env.master and finished:
         log(f"test metrics of the last epoch ({args.num_clips} clips x {args.num_crops} crops, "
             f"{len(test_samples)} videos):\n{format_metrics(tester.last, args.class_names)}")

@@ -656,46 +656,72 @@ def model_state(checkpoint):
     raise ValueError("checkpoint holds no state_dict (expected a dict of tensors or a 'model' entry)")
 
 
+# The authors' saved arguments that set a field of ours: field <- (their names, the first that holds a value wins;
+# the value when none does). The weights' shapes give the rest (authors_weights).
+AUTHORS_ARGS = {
+    "img_size": (["input_size"], 160),
+    "num_frames": (["num_frames"], None),  # None: pre-training's window_size x tubelet, else 16
+    "audio_frames": (["input_size_audio"], 256),
+    "mel_bins": (["num_mel_bins"], 128),
+    "depth": (["depth", "encoder_depth"], None),  # the video encoder's
+    "depth_audio": (["depth_audio", "encoder_depth_audio"], None),
+    "fusion_depth": (["fusion_depth", "encoder_fusion_depth"], 0),
+    "inter_layers": (["return_intermediate_features"], None),
+    "window_size": (["window_size"], None),  # pre-training's (frames / tubelet, rows, columns)
+}
+AUTHORS_UNSUPPORTED = ("head_activation_func", "keep_temporal_dim")
+MODALITY_OF = {(True, True): "av", (True, False): "video", (False, True): "audio"}  # (video weights?, audio?)
+
+
+def authors_args(namespace):
+    """Their saved arguments by our names (AUTHORS_ARGS); one we do not support is an error."""
+    saved = {name: value for name, value in vars(namespace).items() if value is not None}
+    if any(saved.get(name) for name in AUTHORS_UNSUPPORTED):
+        raise ValueError("the authors' --head_activation_func and --keep_temporal_dim are not supported")
+    return {ours: next((saved[name] for name in names if name in saved), default)
+            for ours, (names, default) in AUTHORS_ARGS.items()}
+
+
+def authors_weights(state_dict):
+    """What an authors' state_dict's shapes say: (modality, the outputs of its head or None (a pre-training
+    checkpoint), config fields: width and by it the heads (only their model names give them: SIZES), patch and
+    tubelet sizes, and whether the layers are fused with weights (Eq. 12))."""
+    video = state_dict.get("encoder.patch_embed.proj.weight")  # (C, 3, tubelet, patch, patch)
+    audio = state_dict.get("encoder_audio.patch_embed.proj.weight")  # (C, 1, patch, patch)
+    embed = video if video is not None else audio
+    head = state_dict.get("head.weight")
+    by_width = next((preset for preset in SIZES.values() if preset["dim"] == embed.shape[0]), dict(heads=None))
+    geometry = dict(by_width, dim=embed.shape[0], patch_size=embed.shape[-1],
+                    tubelet_size=2 if video is None else video.shape[2],
+                    # a pre-trained model is fine-tuned with the layer weights (Eq. 12), so it is probed with them
+                    hierarchical_fusion=head is None or any(k.endswith("layer_weights") for k in state_dict))
+    return MODALITY_OF[video is not None, audio is not None], None if head is None else head.shape[0], geometry
+
+
 def authors_config(namespace, state_dict, **overrides):
     """(HiCMAEConfig, modality, num_outputs) of an authors' fine-tuned (checkpoint-best.pth) or pre-trained
     (checkpoint-99.pth, num_outputs None) model, from their saved arguments and the weights' shapes. The heads
     are not saved: their model names give them by width (SIZES). `overrides` (None ignored) win."""
-    args = vars(namespace)
-
-    def arg(*names, default=None):  # the first of their argument names that holds a value
-        return next((args[n] for n in names if args.get(n) is not None), default)
-
-    if arg("head_activation_func") or arg("keep_temporal_dim"):
-        raise ValueError("the authors' --head_activation_func and --keep_temporal_dim are not supported")
-    video = state_dict.get("encoder.patch_embed.proj.weight")
-    audio = state_dict.get("encoder_audio.patch_embed.proj.weight")
-    head = state_dict.get("head.weight")
-    modality = "av" if video is not None and audio is not None else "video" if video is not None else "audio"
-    embed = video if video is not None else audio
-    depth_video, depth_audio = arg("depth", "encoder_depth"), arg("depth_audio", "encoder_depth_audio")
-    if modality == "av" and depth_audio is not None and depth_audio != depth_video:
-        raise ValueError(f"video depth {depth_video} and audio depth {depth_audio}: one depth is supported")
-    tubelet = video.shape[2] if video is not None else 2
-    window = arg("window_size")  # pre-training: (frames / tubelet, rows, columns)
-    size = next((name for name, preset in SIZES.items() if preset["dim"] == embed.shape[0]), None)
-    config = dict(SIZES[size] if size else dict(heads=None),
-                  img_size=arg("input_size", default=160),
-                  num_frames=arg("num_frames", default=window[0] * tubelet if window else 16),
-                  tubelet_size=tubelet, patch_size=embed.shape[-1],
-                  audio_frames=arg("input_size_audio", default=256), mel_bins=arg("num_mel_bins", default=128),
-                  dim=embed.shape[0], depth=depth_video if video is not None else depth_audio or depth_video,
-                  fusion_depth=arg("fusion_depth", "encoder_fusion_depth", default=0) if modality == "av" else 0,
-                  # a pre-trained model is fine-tuned with the layer weights (Eq. 12), so it is probed with them
-                  hierarchical_fusion=head is None or any(k.endswith("layer_weights") for k in state_dict))
-    if arg("return_intermediate_features") is not None:
-        config["inter_layers"] = tuple(arg("return_intermediate_features"))
+    theirs = authors_args(namespace)
+    modality, num_outputs, geometry = authors_weights(state_dict)
+    if modality == "av" and theirs["depth_audio"] not in (None, theirs["depth"]):
+        raise ValueError(f"video depth {theirs['depth']} and audio depth {theirs['depth_audio']}: one depth is "
+                         "supported")
+    window = theirs["window_size"]
+    config = dict(
+        geometry, img_size=theirs["img_size"], audio_frames=theirs["audio_frames"], mel_bins=theirs["mel_bins"],
+        num_frames=theirs["num_frames"] or (window[0] * geometry["tubelet_size"] if window else 16),
+        depth=theirs["depth"] if modality != "audio" else theirs["depth_audio"] or theirs["depth"],
+        fusion_depth=theirs["fusion_depth"] if modality == "av" else 0)
+    if theirs["inter_layers"] is not None:
+        config["inter_layers"] = tuple(theirs["inter_layers"])
     config.update({k: v for k, v in overrides.items() if v is not None})
     if config["heads"] is None:
         raise ValueError(f"the number of heads of width {config['dim']} is not in the checkpoint, and the "
                          "authors' model names give it only for 256, 384 and 512: pass --heads")
     if any(i >= config["depth"] for i in config.get("inter_layers", HiCMAEConfig.inter_layers)):
         config["inter_layers"] = tuple(range(config["depth"] - 3, config["depth"]))  # unused by the classifier
-    return HiCMAEConfig(**config), modality, None if head is None else head.shape[0]
+    return HiCMAEConfig(**config), modality, num_outputs
 
 
 def checkpoint_config(checkpoint, **overrides):
@@ -716,37 +742,49 @@ def checkpoint_config(checkpoint, **overrides):
     raise ValueError("neither a checkpoint of pretrain.py or finetune.py nor one of the authors'")
 
 
-def load_weights(model, state_dict, log=print):
-    """Load our or the authors' weights into HiCMAE or HiCMAEClassifier, leaving out what a classifier does not
-    build (the decoders; an encoder, the fusion or layer weights it lacks). A head of another size, and a head,
-    fc_norm or layer weights the checkpoint lacks, stay fresh, with a note to log (None: no note); any other
-    mismatch is an error naming the key."""
-    if any(k.startswith(("encoder.", "encoder_audio.")) for k in state_dict):  # the authors' names
-        state_dict = convert_official(state_dict)
-    classifier = isinstance(model, HiCMAEClassifier)
-    unused = ()
-    if classifier:
-        unused = ("video_decoder.", "audio_decoder.")
-        unused += tuple(f"{m}." for m in ("video_encoder", "audio_encoder", "fusion") if getattr(model, m) is None)
-        unused += tuple(m for m in ("video_layer_weights", "audio_layer_weights") if not hasattr(model, m))
-    log = log or (lambda message: None)
-    own = model.state_dict()
-    load = {}
+def not_built(model):
+    """Prefixes of checkpoint weights a model has no place for, and leaves out: a classifier builds no decoders,
+    and no encoder, fusion or layer weights its modality and configuration do without."""
+    if not isinstance(model, HiCMAEClassifier):
+        return ()
+    parts = ("video_encoder", "audio_encoder", "fusion", "video_layer_weights", "audio_layer_weights")
+    return ("video_decoder.", "audio_decoder.", *(name for name in parts if getattr(model, name, None) is None))
+
+
+def weights_that_fit(model, state_dict, log):
+    """The checkpoint's weights the model takes, by our names. A weight with no place in the model is an error
+    (but not_built's), and so is one of another shape, but for a classifier's head: it stays fresh, with a note."""
+    own, skip = model.state_dict(), not_built(model)
+    fit = {}
     for key, value in state_dict.items():
-        if key not in own and key.startswith(unused):
+        if key not in own and key.startswith(skip):
             continue
         if key not in own:
             raise KeyError(f"checkpoint weight '{key}' {tuple(value.shape)} has no place in {type(model).__name__}")
         if own[key].shape == value.shape:
-            load[key] = value
-        elif classifier and key.startswith("head."):
+            fit[key] = value
+        elif isinstance(model, HiCMAEClassifier) and key.startswith("head."):
             log(f"note: '{key}' is {tuple(value.shape)} in the checkpoint and {tuple(own[key].shape)} here: "
                 "keeping the new, freshly initialised head")
         else:
             raise ValueError(f"shape mismatch for '{key}': checkpoint {tuple(value.shape)}, "
                              f"model {tuple(own[key].shape)}")
-    fresh = [k for k in own if k not in load]
-    unexpected = [k for k in fresh if not k.startswith(("head.", "fc_norm.", "video_layer_", "audio_layer_"))]
+    return fit
+
+
+KEPT_FRESH = ("head.", "fc_norm.", "video_layer_", "audio_layer_")  # what a classifier may lack in a checkpoint
+
+
+def load_weights(model, state_dict, log=print):
+    """Load our or the authors' weights into HiCMAE or HiCMAEClassifier, leaving out what a classifier does not
+    build (not_built). A head of another size, and a head, fc_norm or layer weights the checkpoint lacks, stay
+    fresh, with a note to log (None: no note); any other mismatch is an error naming the key."""
+    if any(k.startswith(("encoder.", "encoder_audio.")) for k in state_dict):  # the authors' names
+        state_dict = convert_official(state_dict)
+    log = log or (lambda message: None)
+    load = weights_that_fit(model, state_dict, log)
+    fresh = [k for k in model.state_dict() if k not in load]
+    unexpected = [k for k in fresh if not k.startswith(KEPT_FRESH)]
     if unexpected:
         raise KeyError(f"{len(unexpected)} weights of the model are not in the checkpoint, e.g. {unexpected[:5]}")
     model.load_state_dict(load, strict=False)

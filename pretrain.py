@@ -11,6 +11,7 @@ that finetune.py imports: arguments, distributed set-up, schedule, the training 
 import argparse
 import json
 import math
+import multiprocessing.connection
 import os
 import random
 import resource
@@ -21,6 +22,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -240,7 +242,7 @@ def lr_at(schedule, clip, total_clips):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def plan(args, env, num_samples, progress, schedule, log):
+def plan(args, env, num_samples, position, schedule, log):
     """(schedule, clips per step, total steps) of a run over num_samples clips an epoch. The schedule saved with
     a resumed run goes on as it was; a fresh one is set by the run's first configuration."""
     steps_per_epoch = num_samples // env.world_size // args.batch_size // args.accum_steps  # as ResumableSampler deals
@@ -249,10 +251,10 @@ def plan(args, env, num_samples, progress, schedule, log):
         lr=args.base_lr * clips_per_step / 256, min_lr=args.min_lr * clips_per_step / 256,
         warmup_lr=args.warmup_lr * clips_per_step / 256, clips_per_epoch=steps_per_epoch * clips_per_step,
         warmup_clips=round(args.warmup_epochs * steps_per_epoch) * clips_per_step)
-    steps_left = max(0, args.epochs - progress.epoch - 1) * steps_per_epoch
-    if progress.epoch < args.epochs:  # the current epoch, after the progress.clips clips already trained
-        steps_left += (num_samples - progress.clips) // env.world_size // args.batch_size // args.accum_steps
-    total_steps = progress.step + steps_left
+    steps_left = max(0, args.epochs - position.epoch - 1) * steps_per_epoch
+    if position.epoch < args.epochs:  # the current epoch, after the position.clips clips already trained
+        steps_left += (num_samples - position.clips) // env.world_size // args.batch_size // args.accum_steps
+    total_steps = position.step + steps_left
     log(f"{total_steps} steps of {clips_per_step} clips ({steps_per_epoch} per epoch; epochs count from 0, as "
         f"the checkpoint names), peak lr {schedule['lr']:.3g} = --base_lr x total batch / 256")
     warmup_steps = schedule["warmup_clips"] // clips_per_step
@@ -265,7 +267,15 @@ def plan(args, env, num_samples, progress, schedule, log):
     return schedule, clips_per_step, total_steps
 
 
-# 4. Checkpoints
+# 4. Checkpoints: the run's position, saving, resuming
+
+@dataclass
+class RunPosition:
+    """Where a run is; saved in its checkpoints as "progress"."""
+    epoch: int = 0  # current epoch
+    clips: int = 0  # clips of this epoch already trained, by all the ranks together
+    step: int = 0  # optimiser steps done in the whole run
+
 
 def tensor_bytes(state):
     """Bytes of the tensors in a nested state: about what its checkpoint needs on disk."""
@@ -298,21 +308,24 @@ def capture_rng(env):
     return gather_objects(state, env)
 
 
-def restore_rng(states, env):
-    if len(states) != env.world_size:  # another world size: the random streams restart (start_state says so)
-        return
-    state = states[env.rank]
+def restore_rng(state, env):
+    """This rank's RNG states, as capture_rng took them."""
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
     if state["cuda"] is not None and env.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"])
 
 
-@dataclass
-class Progress:
-    epoch: int = 0  # current epoch
-    clips: int = 0  # clips of this epoch already trained, by all the ranks together
-    step: int = 0  # optimiser steps done in the whole run
+def save_run(path, env, state):
+    """Every rank: rank 0 writes the run's state with every rank's RNG states; a failed write stops every rank."""
+    state, error = dict(state, rng=capture_rng(env)), None
+    if env.master:
+        try:
+            save_checkpoint(path, state)
+        except OSError as e:
+            error = str(e)
+    if broadcast_object(error, env):
+        raise SystemExit(error)
 
 
 def resume_path(args):
@@ -323,58 +336,79 @@ def resume_path(args):
     return path if args.resume or path.exists() else None
 
 
+def read_checkpoint(path, env, log):
+    """The checkpoint at path, as rank 0 reads it. Every rank reads its own copy (a node may have a disk of its
+    own); a rank that cannot, or that finds another position there, gets rank 0's. If rank 0 cannot, all stop."""
+    try:
+        checkpoint, problem = load_checkpoint(path), None
+    except (OSError, ValueError) as e:
+        checkpoint, problem = None, str(e)
+    if env.master and problem:
+        older = sorted(Path(path).parent.glob("checkpoint-*.pth"))
+        problem = (f"cannot resume on node {socket.gethostname()} (rank 0): {problem}\n" +
+                   (f"to go on from the newest older checkpoint, pass --resume {older[-1]}" if older else
+                    "no older checkpoint-EEE.pth beside it: start afresh with --resume none"))
+    if broadcast_object(problem, env):  # rank 0's
+        raise SystemExit(problem)
+    position = broadcast_object(checkpoint["progress"] if env.master else None, env)
+    has_it = checkpoint is not None and checkpoint["progress"] == position
+    lacking = [f"rank {rank} on {node}" for rank, node in
+               enumerate(gather_objects(None if has_it else socket.gethostname(), env)) if node]
+    if lacking:
+        log(f"{', '.join(lacking)} could not read {path} (or found another state there): rank 0 sends its copy")
+        checkpoint = broadcast_object(checkpoint, env)
+    return checkpoint
+
+
+def load_model_state(raw_model, checkpoint, args, path):
+    """The checkpoint's weights into raw_model; another model, modality or number of outputs stops in one line."""
+    try:
+        raw_model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        there = dict(checkpoint.get("args", {}), **checkpoint.get("model_config", {}))
+        here = dict(vars(args), **asdict(raw_model.cfg))
+        keys = [*asdict(raw_model.cfg), "modality", "num_outputs"]
+        differ = ", ".join(f"{k} {there.get(k)} there, {here.get(k)} here" for k in keys if there.get(k) != here.get(k))
+        raise SystemExit(f"{path} holds a run of another configuration ({differ}): resume it with its own flags, "
+                         "or start afresh with --resume none or another --output_dir") from None
+
+
 def start_state(args, env, raw_model, optimizer, scaler, log):
-    """Resume, or load --init weights, or start fresh: (progress, the schedule saved with it or None).
-    Rank 0 chooses the checkpoint; a rank that cannot read it (a node without the shared disk) or finds
-    another state there gets rank 0's copy. If rank 0 cannot read it, every rank stops."""
-    path = broadcast_object(resume_path(args), env)
+    """Resume, or load --init weights, or start fresh: (position, the schedule saved with it or None)."""
+    path = broadcast_object(resume_path(args), env)  # rank 0 chooses
     if path is None:
         if args.resume in ("none", "") and (Path(args.output_dir) / "last.pth").exists():
             log(f"--resume none: starting afresh; the checkpoints in {args.output_dir}/ will be replaced")
         if args.init:
             load_weights(raw_model, model_state(load_checkpoint(args.init)), log=log)
             log(f"initialised from {args.init}")
-        return Progress(), None
-    ckpt = problem = None
-    try:
-        ckpt = load_checkpoint(path)
-    except (OSError, ValueError) as e:
-        problem = str(e)
-    reads = gather_objects((socket.gethostname(), problem, ckpt and ckpt["progress"]), env)
-    if reads[0][1]:
-        kept = sorted(Path(path).parent.glob("checkpoint-*.pth"))
-        hint = (f"to go on from the newest older checkpoint, pass --resume {kept[-1]}" if kept else
-                "no older checkpoint-EEE.pth beside it: start afresh with --resume none")
-        raise SystemExit(f"cannot resume on node {reads[0][0]} (rank 0): {reads[0][1]}\n{hint}")
-    others = [f"rank {r} on {node}" for r, (node, _, state) in enumerate(reads) if state != reads[0][2]]
-    if others:
-        log(f"{', '.join(others)} could not read {path} (or found another state there): rank 0 sends its copy")
-        ckpt = broadcast_object(ckpt, env)
-    try:
-        raw_model.load_state_dict(ckpt["model"])
-    except RuntimeError:  # another model, modality or number of outputs: say which, in one line
-        there = dict(ckpt.get("args", {}), **ckpt.get("model_config", {}))
-        here = dict(vars(args), **asdict(raw_model.cfg))
-        keys = [*asdict(raw_model.cfg), "modality", "num_outputs"]
-        differ = ", ".join(f"{k} {there.get(k)} there, {here.get(k)} here" for k in keys if there.get(k) != here.get(k))
-        raise SystemExit(f"{path} holds a run of another configuration ({differ}): resume it with its own flags, "
-                         "or start afresh with --resume none or another --output_dir") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
+        if env.master:  # a fresh run (--resume none too) starts its own log (Logger's)
+            (Path(args.output_dir) / "log.jsonl").unlink(missing_ok=True)
+        return RunPosition(), None
+    checkpoint = read_checkpoint(path, env, log)
+    load_model_state(raw_model, checkpoint, args, path)
+    optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:  # a --cuda_graph run saves a device lr and capturable AdamW: plain again
         group["lr"], group["capturable"] = float(group["lr"]), False
-    scaler.load_state_dict(ckpt["scaler"])
-    restore_rng(ckpt["rng"], env)
-    progress = Progress(**ckpt["progress"])
-    where = (f"epoch {progress.epoch} after {progress.clips} clips" if progress.clips else
-             f"the start of epoch {progress.epoch}")
-    log(f"resumed from {path} at {where} (step {progress.step})")
-    was = (len(ckpt["rng"]), ckpt["args"]["batch_size"], ckpt["args"]["accum_steps"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    position = RunPosition(**checkpoint["progress"])
+    where = (f"epoch {position.epoch} after {position.clips} clips" if position.clips else
+             f"the start of epoch {position.epoch}")
+    log(f"resumed from {path} at {where} (step {position.step})")
+    saved_by = len(checkpoint["rng"])  # processes
+    same_world_size = saved_by == env.world_size
+    if same_world_size:  # each rank's random streams go on where they were
+        restore_rng(checkpoint["rng"][env.rank], env)
+    was = (saved_by, checkpoint["args"]["batch_size"], checkpoint["args"]["accum_steps"])
     now = (env.world_size, args.batch_size, args.accum_steps)
     if was != now:
+        rng = ("each process's random state is restored (as many processes as saved them)" if same_world_size else
+               f"the random states saved by {saved_by} processes are not restored in {env.world_size}: the random "
+               "streams start afresh")
         log("processes x clips x micro-steps per step changed from {} x {} x {} to {} x {} x {}: the learning-rate "
-            "schedule goes on as saved, epoch {} after its first {} clips; the random streams restart (the losses "
-            "are not bit-identical to an unbroken run)".format(*was, *now, progress.epoch, progress.clips))
-    return progress, ckpt.get("schedule")
+            "schedule goes on as saved, epoch {} after its first {} clips; {} (the losses are not bit-identical to "
+            "an unbroken run)".format(*was, *now, position.epoch, position.clips, rng))
+    return position, checkpoint.get("schedule")
 
 
 # 5. Logging: one line per interval on rank 0, the same as JSON lines in output_dir/log.jsonl
@@ -447,55 +481,76 @@ def to_device(batch, device):
                                  for k, v in batch.items()})
 
 
-# 7. The training loop (pre-training and fine-tuning) and, beside it, checkpointing and stopping
+# 7. The training loop (pre-training and fine-tuning) and, before it, what it calls
 
-class Checkpoints:
-    """Rank 0 saves the run's state (a failed save stops every rank) only if every value so far is finite: a
-    non-finite loss or gradient norm is noted on the device (note), read at logs, saves and epoch ends."""
-    NEVER = 2**62
-
-    def __init__(self, args, env, raw_model, optimizer, scaler, progress, schedule):
-        self.args, self.env, self.out = args, env, Path(args.output_dir)
-        self.model, self.optimizer, self.scaler = raw_model, optimizer, scaler
-        self.progress, self.schedule = progress, schedule
-        self.first_bad = torch.full((), self.NEVER, dtype=torch.long, device=env.device)
-
-    def note(self, value, step):
-        self.first_bad = torch.where(torch.isfinite(value), self.first_bad, self.first_bad.clamp(max=step))
-
-    def check_finite(self):
-        bad = self.first_bad.clone()
-        if self.env.ddp:
-            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-        bad = bad.item()
-        if bad != self.NEVER:
-            last = self.out / "last.pth"
-            raise SystemExit(f"non-finite loss or gradient norm at step {bad}: stopping. "
-                             f"The last good checkpoint is {last if last.exists() else 'none yet'}")
-
-    def save(self, name):
-        self.check_finite()
-        rng, error = capture_rng(self.env), None
-        if self.env.master:
-            try:
-                save_checkpoint(self.out / name, dict(
-                    model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scaler=self.scaler.state_dict(), progress=asdict(self.progress), schedule=self.schedule,
-                    args=vars(self.args), model_config=asdict(self.model.cfg), rng=rng))
-            except OSError as e:
-                error = str(e)
-        if broadcast_object(error, self.env):
-            raise SystemExit(error)
+class LoaderFailed(Exception):
+    """The loader cannot go on; the message, one line, says why and what to check."""
 
 
-class Stopper:
-    """Why to stop after a step, agreed by every rank: --stop_at_step, SIGTERM or SIGUSR1 (noted by the
-    handlers this context installs), or --time_limit near (two of the longest steps to spare)."""
-    REASONS = ["", "--time_limit", "SIGUSR1", "SIGTERM"]
+def epoch_batches(loader, manifest):
+    """The loader's batches, from the first fetch on. A sample it could not replace (a DataError, as when the data
+    root is gone) or a worker that died raises LoaderFailed. Meanwhile torch's SIGCHLD handler is set aside: it
+    raises a dead worker's error wherever the main thread is, even inside the optimiser's step; without it the
+    fetch finds the death (within 5 s)."""
+    handler = signal.getsignal(signal.SIGCHLD)
+    try:
+        batches = iter(loader)  # the first call starts the workers, and sets torch's handler
+        handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        yield from batches
+    except data.DataError as e:  # from a worker, under the worker's traceback: its last line is the message
+        line = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
+        raise LoaderFailed(f"{line}; is the data root still there? (`python data.py check {manifest}` checks every "
+                           "row; once the data is back, the same command goes on)") from None
+    except Exception:  # a dead worker shows as one of several errors; is one dead, or dying (wait up to 1 s)?
+        workers = getattr(loader._iterator, "_workers", [])  # persistent workers (DataLoader has no public list)
+        ended = multiprocessing.connection.wait([w.sentinel for w in workers], timeout=1) if workers else []
+        dead = next((w for w in workers if w.sentinel in ended), None)
+        if dead is None:
+            raise
+        dead.join()  # for its exit code
+        how = f"was killed by {signal.Signals(-dead.exitcode).name}" if dead.exitcode < 0 else "ended"
+        raise LoaderFailed(f"loader worker {dead.pid} {how}: by the out-of-memory killer? (dmesg; fewer "
+                           "--num_workers use less memory; the same command goes on)") from None
+    finally:
+        signal.signal(signal.SIGCHLD, handler)
+
+
+def fetch(batches, count, meter):
+    """The step's `count` micro-batches, or the one-line reason the loader failed; meter counts the wait and the
+    bad samples."""
+    micro_batches = []
+    try:
+        for _ in range(count):
+            t0 = time.time()
+            micro_batches.append(next(batches))
+            meter.fetched(micro_batches[-1], time.time() - t0)
+    except LoaderFailed as e:
+        return None, str(e)
+    return micro_batches, None
+
+
+def end_workers(*loaders):
+    """End the loaders' worker processes, whatever ended the run. They ignore SIGTERM (ignore_stop_signals), and
+    SIGTERM is how the interpreter's exit ends them: a process that leaves them running waits on them for ever."""
+    for loader in loaders:
+        batches = loader._iterator  # persistent workers' iterator (DataLoader has no public close)
+        if batches is not None:
+            batches._shutdown_workers()  # each worker told to stop and joined
+            for worker in batches._workers:
+                if worker.is_alive():  # one stuck in a read
+                    worker.kill()
+            loader._iterator = None
+
+
+class Stops:
+    """Why the run stops, agreed by every rank before each step and at each epoch's end: a failure of any rank's
+    (its loader failed, or too many bad samples), SIGTERM or SIGUSR1 (noted by the handlers this context
+    installs), --time_limit near (two of the longest steps to spare, once a step is timed) or --stop_at_step."""
+    REQUESTS = ["--stop_at_step", "--time_limit", "SIGUSR1", "SIGTERM"]  # in rising urgency; a failure beats them
 
     def __init__(self, args, env):
-        self.args, self.env, self.received = args, env, []
-        self.longest, self.last = 0.0, time.time()
+        self.args, self.env, self.received, self.failure = args, env, [], None
+        self.longest, self.last = 0.0, None
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
@@ -508,24 +563,70 @@ class Stopper:
     def receive(self, signum, frame):
         self.received.append(signal.Signals(signum).name)
 
-    def __call__(self, step):
-        if self.args.stop_at_step and step >= self.args.stop_at_step:
-            return "--stop_at_step"
+    def fail(self, reason):
+        """Note a failure of this rank's, in one line (None: none)."""
+        self.failure = self.failure or reason
+
+    def agree(self, steps_done):
+        """'' to go on, a request (REQUESTS) or a failure's line (the first failing rank's)."""
         now = time.time()
-        self.longest, self.last = max(self.longest, now - self.last), now
-        code = max([self.REASONS.index(r) for r in self.received] + [0])
-        if self.args.time_limit and now - self.env.started + 2 * self.longest > self.args.time_limit:
-            code = max(code, 1)
+        if self.last is not None:
+            self.longest = max(self.longest, now - self.last)
+        self.last = now
+        requests = list(self.received)
+        if self.args.stop_at_step and steps_done >= self.args.stop_at_step:
+            requests.append("--stop_at_step")
+        if self.args.time_limit and self.longest and now - self.env.started + 2 * self.longest > self.args.time_limit:
+            requests.append("--time_limit")
+        urgency = max([self.REQUESTS.index(r) + 1 for r in requests], default=0)  # 0: go on
+        if self.failure:
+            urgency = len(self.REQUESTS) + 1
+        if self.env.ddp:  # the most urgent of every rank's
+            urgency = torch.tensor([urgency])
+            dist.all_reduce(urgency, op=dist.ReduceOp.MAX, group=self.env.control)
+            urgency = int(urgency)
+        if urgency <= len(self.REQUESTS):
+            return ["", *self.REQUESTS][urgency]
+        return next(f for f in gather_objects(self.failure, self.env) if f)
+
+
+def stopped(reason, step, path, log):
+    """After a stop's save: a request says so and returns False; a failure exits in one line."""
+    if reason in Stops.REQUESTS:
+        log(f"stopped after step {step} ({reason}): saved {path}; run the same command again to go on")
+        return False
+    raise SystemExit(f"{reason}. Stopped after step {step}, saved in {path}")
+
+
+class NonFinite:
+    """The first step whose loss or gradient norm was not finite, noted on the device (no host read) and read
+    where the run logs, saves or ends an epoch: then every rank stops, leaving the last good checkpoint. With
+    fp16's scaler (grad_norm False) an infinite gradient norm only skips the step."""
+    NEVER = 2**62
+
+    def __init__(self, env, grad_norm=True):
+        self.env, self.grad_norm = env, grad_norm
+        self.first = torch.full((), self.NEVER, dtype=torch.long, device=env.device)
+
+    def note(self, step, parts, grad_norm):
+        """A step's loss parts (one dict per micro-batch) and gradient norm."""
+        values = [micro["loss"].detach() for micro in parts] + ([grad_norm] if self.grad_norm else [])
+        for value in values:
+            self.first = torch.where(torch.isfinite(value), self.first, self.first.clamp(max=step))
+
+    def check(self, last):
+        first = self.first.clone()
         if self.env.ddp:
-            code = torch.tensor([code])
-            dist.all_reduce(code, op=dist.ReduceOp.MAX, group=self.env.control)
-        return self.REASONS[int(code)]
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        if first.item() != self.NEVER:
+            raise SystemExit(f"non-finite loss or gradient norm at step {first.item()}: stopping. "
+                             f"The last good checkpoint is {last if last.exists() else 'none yet'}")
 
 
 class Meter:
     """What a log line reports since the last one: the loss parts summed on the device, the time waiting for
     data, and the samples replaced (the items' `bad`) with their rows, counted from the loader's host batches.
-    log() says why to stop once more than max_bad_fraction of the run's samples tried (at least
+    log() returns why to stop once more than max_bad_fraction of the run's samples tried (at least
     1 / max_bad_fraction of them, in all processes) failed."""
 
     def __init__(self, samples, max_bad_fraction):
@@ -539,7 +640,9 @@ class Meter:
         self.bad = self.tried = 0
         self.rows = []
 
-    def add_batch(self, batch):
+    def fetched(self, batch, seconds):
+        """A host batch from the loader, after `seconds` of waiting: no device sync."""
+        self.t_data += seconds
         bad = torch.as_tensor(batch["bad"])
         replaced = int(bad.sum())
         self.bad += replaced
@@ -547,10 +650,13 @@ class Meter:
         if replaced:
             self.rows += [self.samples[i].row for i in torch.as_tensor(batch["index"])[bad > 0].tolist()]
 
-    def add(self, parts, accum_steps):
-        self.names = ["loss"] + [k for k in parts if k != "loss"]
-        now = torch.stack([parts[k].detach().float() for k in self.names]) / accum_steps
-        self.sums = now if self.sums is None else self.sums + now
+    def stepped(self, parts):
+        """A step's loss parts, one dict per micro-batch: their mean, summed on the device."""
+        self.names = ["loss"] + [k for k in parts[0] if k != "loss"]
+        for micro in parts:
+            now = torch.stack([micro[k].detach().float() for k in self.names]) / len(parts)
+            self.sums = now if self.sums is None else self.sums + now
+        self.count += 1
 
     def log(self, log, env, epoch, step, total_steps, lr, grad_norm, clips_per_step):
         """Write the line (rank 0) and start the next interval; returns why the run must stop, or None."""
@@ -586,138 +692,156 @@ class Meter:
         return None
 
 
-def optimizer_step(optimizer, scaler, params, lr, clip_grad):
-    """Set each group's lr (times its lr_scale), unscale, clip, step; the gradient norm, on the device."""
+def set_lr(optimizer, lr):
+    """Each group's learning rate: lr times its lr_scale (a device tensor's value under --cuda_graph)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
+
+
+def train_step(model, optimizer, scaler, params, compute_loss, args, env, batches):
+    """The one optimiser step: forward and backward of each micro-batch (device batches, one at a time;
+    gradients synced on the last), then unscale, clip and step. Returns each micro-batch's loss parts and the
+    gradient norm, on the device."""
+    parts = []
+    for micro, batch in enumerate(batches):
+        sync = not env.ddp or micro + 1 == args.accum_steps
+        with nullcontext() if sync else model.no_sync(), autocast(args, env):
+            parts.append(compute_loss(model, batch))
+        scaler.scale(parts[-1]["loss"] / args.accum_steps).backward()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return parts, grad_norm
 
 
-class GraphedStep:
-    """--cuda_graph: the whole step (normalising the batch, forward, loss, backward, clipping, AdamW) replayed
-    as one CUDA graph, each new batch copied into the graph's static inputs. Capture needs static shapes (the
+class CudaGraphStep:
+    """--cuda_graph: a step (train_step with its arguments bound, on one device batch) captured once as a CUDA
+    graph, then replayed with each new batch copied into the graph's inputs. Capture needs static shapes (the
     masks' token counts are fixed by the ratios), no host syncs in the step, AdamW's lr as a device tensor
     (capturable) and no fp16 scaler (bf16 or fp32). The first WARMUP steps run eagerly on a side stream, as
-    capture requires: real training steps, not repeated. Returns (loss parts, gradient norm): the graph's
-    outputs, overwritten by the next replay."""
+    capture requires: real training steps, not repeated."""
     WARMUP = 3
 
-    def __init__(self, args, env, model, optimizer, compute_loss, params):
-        self.args, self.env, self.model, self.optimizer = args, env, model, optimizer
-        self.compute_loss, self.params = compute_loss, params
-        self.steps, self.graph, self.inputs, self.outputs = 0, None, None, None
-        for group in optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), device=env.device)
-        self.stream = torch.cuda.Stream(env.device)
+    def __init__(self, step, optimizer, device):
+        self.step, self.optimizer, self.steps, self.graph = step, optimizer, 0, None
+        for group in optimizer.param_groups:  # set_lr fills them
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self.stream = torch.cuda.Stream(device)
 
-    def step(self, batch):
-        with autocast(self.args, self.env):
-            parts = self.compute_loss(self.model, batch)
-        parts["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip_grad or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return parts, grad_norm
-
-    def __call__(self, batch, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
-        batch = {k: v for k, v in to_device(batch, self.env.device).items() if torch.is_tensor(v)}
-        if self.graph is None and self.steps < self.WARMUP:
-            self.steps += 1
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                out = self.step(batch)
-            torch.cuda.current_stream().wait_stream(self.stream)
-            return out
+    def __call__(self, batches):
+        """One training step on one device batch: (loss parts, gradient norm), as train_step returns them."""
+        batch, = batches
+        self.steps += 1
+        if self.steps <= self.WARMUP:
+            return self.warm_up(batch)
         if self.graph is None:
-            for group in self.optimizer.param_groups:
-                group["capturable"] = True
-            self.inputs, self.graph = batch, torch.cuda.CUDAGraph()
-            # thread_local: the loader's pin-memory thread may call CUDA while this thread captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.outputs = self.step(self.inputs)
-        else:
-            for k, v in self.inputs.items():
-                v.copy_(batch[k])
+            self.capture(batch)
+        return self.replay(batch)
+
+    def warm_up(self, batch):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            out = self.step([batch])
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def capture(self, batch):
+        """Record the step on the graph's own inputs, a copy of this batch's tensors: nothing runs yet."""
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
+        self.inputs = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader's pin-memory thread may call CUDA while this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = self.step([self.inputs])
+
+    def replay(self, batch):
+        """Run the recorded step on this batch; copies of its outputs (the next replay overwrites them)."""
+        for k, v in self.inputs.items():
+            v.copy_(batch[k])
         self.graph.replay()
-        return self.outputs
+        parts, grad_norm = self.outputs
+        return [{k: v.clone() for k, v in micro.items()} for micro in parts], grad_norm.clone()
 
 
-def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=None, cuda_graph=False):
-    """Run the epochs: True once all are done, False if stopped early (last.pth saved). compute_loss(model,
-    batch) -> dict of scalar tensors with 'loss'; on_epoch_end(epoch) runs before the epoch's checkpoints.
-    Between logging steps nothing is read from the device."""
-    scaler = torch.amp.GradScaler(enabled=args.dtype == "fp16" and env.device.type == "cuda")
+def training_model(args, env, raw_model):
+    """What the loop runs: raw_model compiled with --compile, in DistributedDataParallel under torchrun."""
     model = torch.compile(raw_model, fullgraph=True) if args.compile else raw_model
-    if env.ddp:  # freed when train returns, before close() ends its process group
+    if env.ddp:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    progress, schedule = start_state(args, env, raw_model, optimizer, scaler, log)
-    if progress.step == 0 and env.master:  # a fresh run (--resume none too) starts its own log.jsonl
-        log.path.unlink(missing_ok=True)
-    schedule, clips_per_step, total_steps = plan(args, env, len(loader.dataset), progress, schedule, log)
-    checkpoints = Checkpoints(args, env, raw_model, optimizer, scaler, progress, schedule)
+    return model
+
+
+def train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end=lambda epoch: None,
+          cuda_graph=False):
+    """Run the epochs: True once all are done, False if stopped on request (last.pth saved); a failure (a
+    loader's, too many bad samples) saves last.pth and exits in one line. compute_loss(model, batch) -> dict of
+    scalar tensors with 'loss'; on_epoch_end(epoch) runs before the epoch's checkpoints. Between logging steps
+    nothing is read from the device. The caller ends the loader's workers (end_workers), whatever happens."""
+    scaler = torch.amp.GradScaler(enabled=amp_dtype(args, env) == "fp16")  # fp16 is on cuda only (autocast)
+    model = training_model(args, env, raw_model)  # freed when train returns, before close() ends its process group
+    position, schedule = start_state(args, env, raw_model, optimizer, scaler, log)
+    schedule, clips_per_step, total_steps = plan(args, env, len(loader.dataset), position, schedule, log)
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    meter = Meter(loader.dataset.samples, args.max_bad_fraction)
-    graphed = GraphedStep(args, env, model, optimizer, compute_loss, params) if cuda_graph else None
-    with Stopper(args, env) as stop:
-        for epoch in range(progress.epoch, args.epochs):
+    step = partial(train_step, model, optimizer, scaler, params, compute_loss, args, env)
+    step = CudaGraphStep(step, optimizer, env.device) if cuda_graph else step
+    meter, finite = Meter(loader.dataset.samples, args.max_bad_fraction), NonFinite(env, not scaler.is_enabled())
+    last = Path(args.output_dir) / "last.pth"
+
+    def save(path):
+        finite.check(last)
+        save_run(path, env, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), args=vars(args),
+                                 scaler=scaler.state_dict(), progress=asdict(position), schedule=schedule,
+                                 model_config=asdict(raw_model.cfg)))
+
+    with Stops(args, env) as stops:
+        for epoch in range(position.epoch, args.epochs):
             loader.sampler.set_epoch(epoch)
-            loader.sampler.start = progress.clips
+            loader.sampler.start = position.clips
             loader.dataset.set_epoch(epoch)
+            batches, steps = epoch_batches(loader, args.data_path), len(loader) // args.accum_steps
             model.train()
-            batches, steps = iter(loader), len(loader) // args.accum_steps
             for i in range(steps):
-                lr = lr_at(schedule, epoch * schedule["clips_per_epoch"] + progress.clips,
-                           args.epochs * schedule["clips_per_epoch"])
-                for micro in range(args.accum_steps):
-                    t0 = time.time()
-                    batch = next(batches)
-                    meter.t_data += time.time() - t0
-                    meter.add_batch(batch)  # the loader's host tensors: no device sync
-                    if graphed is not None:  # one micro-step, the optimiser's step included
-                        parts, grad_norm = graphed(batch, lr)
-                    else:
-                        batch = to_device(batch, env.device)
-                        sync = not env.ddp or micro + 1 == args.accum_steps  # gradients sync on the last micro-step
-                        with nullcontext() if sync else model.no_sync(), autocast(args, env):
-                            parts = compute_loss(model, batch)
-                        scaler.scale(parts["loss"] / args.accum_steps).backward()
-                    meter.add(parts, args.accum_steps)
-                    checkpoints.note(parts["loss"].detach(), progress.step + 1)
-                if graphed is None:
-                    grad_norm = optimizer_step(optimizer, scaler, params, lr, args.clip_grad)
-                if not scaler.is_enabled():  # with fp16's scaler an infinite gradient only skips the step
-                    checkpoints.note(grad_norm, progress.step + 1)
-                progress.step, progress.clips = progress.step + 1, progress.clips + clips_per_step
-                meter.count += 1
-                if progress.step % args.log_every == 0 or i + 1 == steps:
-                    checkpoints.check_finite()
-                    problem = meter.log(log, env, epoch, progress.step, total_steps, lr, grad_norm, clips_per_step)
-                    if problem:
-                        checkpoints.save("last.pth")
-                        raise SystemExit(f"{problem}. Stopped after step {progress.step}, saved in "
-                                         f"{checkpoints.out / 'last.pth'}")
-                if args.save_every_steps and progress.step % args.save_every_steps == 0:
-                    checkpoints.save("last.pth")
-                reason = stop(progress.step)
+                # fetch the step's micro-batches
+                micro_batches, failure = fetch(batches, args.accum_steps, meter)
+                stops.fail(failure)
+                # stop before the step if any rank must: every rank stops after the same step
+                reason = stops.agree(position.step)
                 if reason:
-                    checkpoints.save("last.pth")
-                    log(f"stopped after step {progress.step} ({reason}): saved {checkpoints.out / 'last.pth'}; "
-                        "run the same command again to go on")
-                    return False
-            progress.epoch, progress.clips = epoch + 1, 0
-            checkpoints.check_finite()  # before testing or drawing a model that may be broken
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
-            checkpoints.save("last.pth")
+                    save(last)
+                    return stopped(reason, position.step, last, log)
+                # the step: forward and backward of each micro-batch, one optimiser step
+                lr = lr_at(schedule, epoch * schedule["clips_per_epoch"] + position.clips,
+                           args.epochs * schedule["clips_per_epoch"])
+                set_lr(optimizer, lr)
+                parts, grad_norm = step(to_device(batch, env.device) for batch in micro_batches)
+                position.step, position.clips = position.step + 1, position.clips + clips_per_step
+                meter.stepped(parts)
+                finite.note(position.step, parts, grad_norm)
+                # log, every log_every steps and at the epoch's end
+                if position.step % args.log_every == 0 or i + 1 == steps:
+                    finite.check(last)
+                    stops.fail(meter.log(log, env, epoch, position.step, total_steps, lr, grad_norm, clips_per_step))
+                # save
+                if args.save_every_steps and position.step % args.save_every_steps == 0:
+                    save(last)
+            # the epoch's end
+            reason = stops.agree(position.step)
+            if reason:
+                save(last)
+                return stopped(reason, position.step, last, log)
+            position.epoch, position.clips = epoch + 1, 0
+            finite.check(last)  # before testing or drawing a model that may be broken
+            on_epoch_end(epoch)
+            save(last)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                checkpoints.save(f"checkpoint-{epoch:03d}.pth")
+                save(last.with_name(f"checkpoint-{epoch:03d}.pth"))
     return True
 
 
@@ -859,7 +983,11 @@ def main(argv=None):
             log(f"wrote {path}")
 
     compute_loss = pretraining_loss_fn(cfg, args.gather_negatives and env.ddp, args.compile)
-    if train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end, cuda_graph=args.cuda_graph):
+    try:
+        finished = train(args, env, raw_model, optimizer, loader, compute_loss, log, on_epoch_end, args.cuda_graph)
+    finally:
+        end_workers(loader)
+    if finished:
         log(f"done: checkpoints in {args.output_dir}/")
     close(env)
     return raw_model

@@ -273,9 +273,8 @@ def test_the_share_of_bad_samples_is_judged_over_the_run_once_enough_were_tried(
 
     def interval(*batches):  # batches of (bad, index); returns the verdict and the interval's log.jsonl record
         for bad, index in batches:
-            meter.add_batch({"bad": torch.tensor(bad), "index": torch.tensor(index)})
-        meter.add({"loss": torch.tensor(1.0)}, 1)
-        meter.count = 1
+            meter.fetched({"bad": torch.tensor(bad), "index": torch.tensor(index)}, 0.0)
+        meter.stepped([{"loss": torch.tensor(1.0)}])
         verdict = meter.log(log, env, 0, 1, 1, 0.0, torch.tensor(0.0), len(batches[0][0]))
         return verdict, logged(tmp_path)[-1]
 
@@ -321,3 +320,140 @@ def test_sigusr1_and_time_limit_save_and_stop_after_the_current_step(manifest, t
     pretrain.main([*common, "--time_limit", "0.01s", "--output_dir", str(tmp_path / "limit")])
     assert "stopped after step 1 (--time_limit)" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "limit" / "last.pth")["progress"]["step"] == 1
+
+
+# pretrain.main with a test hook: after optimiser step AT, the rank named (of RANK) breaks the run. "move": renames
+# the folder FOLDER to FOLDER-moved; "kill": SIGKILL to its loader's workers; "raise": an error in the step's code.
+# Each rank writes its output to OUT/rank<R>.txt and the time of the break to OUT/broken.
+BREAKER = """
+import multiprocessing, os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from torch.optim.optimizer import register_optimizer_step_post_hook
+import pretrain
+
+out, action, at, who, folder = sys.argv[1:6]
+rank, steps = os.environ.get("RANK", "0"), []
+log = open(os.path.join(out, "rank" + rank + ".txt"), "w")
+os.dup2(log.fileno(), 1)
+os.dup2(log.fileno(), 2)
+
+
+def after_step(*_):
+    steps.append(1)
+    if len(steps) != int(at) or rank != who:
+        return
+    with open(os.path.join(out, "broken"), "w") as f:
+        print(time.time(), file=f)
+    if action == "move":
+        os.rename(folder, folder + "-moved")
+    elif action == "kill":
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signal.SIGKILL)
+    else:
+        raise ValueError("an error of the step's code")
+
+
+register_optimizer_step_post_hook(after_step)
+pretrain.main(sys.argv[6:])
+"""
+EXIT_BOUND = 30  # seconds from the break to the exit; about 2 s here (a dead worker is found within 6 s)
+
+
+def break_run(root, action, at, who, folder, args, processes=1):
+    """Run pretrain.py with the break; (exit code, seconds from the break to the exit, each rank's output)."""
+    launcher = root / "breaker.py"
+    launcher.write_text(BREAKER.format(repo=str(REPO)))
+    launch = [sys.executable] if processes == 1 else [*TORCHRUN, "--standalone", "--nproc_per_node", str(processes)]
+    code, = start([[*launch, str(launcher), str(root), action, str(at), str(who), str(folder), *args]], [REPO], root,
+                  timeout=180)
+    ended = time.time()
+    outputs = [(root / f"rank{r}.txt").read_text() for r in range(processes)]
+    return code, ended - float((root / "broken").read_text()), outputs
+
+
+@pytest.fixture
+def own_copy(manifest, tmp_path):
+    """The 8 clips in a folder of the test's own (videos/), and their manifest."""
+    shutil.copytree(Path(manifest).parent / "videos", tmp_path / "videos")
+    path = tmp_path / "own.csv"
+    path.write_text(Path(manifest).read_text().replace(str(Path(manifest).parent / "videos"), str(tmp_path / "videos")))
+    return path
+
+
+def stopped_step(output, message):
+    """The step of the one-line failure that ends `output` (no traceback before it)."""
+    assert "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert re.fullmatch(message + r"\. Stopped after step (\d+), saved in \S+/last\.pth", last), output[-3000:]
+    return int(re.search(r"Stopped after step (\d+)", last).group(1))
+
+
+def test_a_run_whose_data_disappears_saves_and_exits_in_one_line_and_goes_on_once_it_is_back(own_copy, tmp_path):
+    """One process with a loader worker, as a run has it: the videos folder moved away after step 1. The worker's
+    prefetched batches still train; then every sample fails and the run stops at a step, saved, exiting non-zero
+    within EXIT_BOUND. Once the folder is back the same command goes on, and its losses are an unbroken run's."""
+    args = [*TINY, "--data_path", str(own_copy), "--epochs", "3", "--batch_size", "2", "--num_workers", "1"]
+    run = tmp_path / "run"
+    code, seconds, (output,) = break_run(tmp_path, "move", 1, 0, tmp_path / "videos", [*args, "--output_dir", str(run)])
+    assert code == 1 and seconds < EXIT_BOUND, (code, seconds)
+    step = stopped_step(output, r"11 bad samples in a row, the last: \S+own\.csv:\d+: \S+/videos/\S+\.mp4: no such "
+                                r"file or folder; is the data root still there\? \(`python data\.py check \S+own\.csv` "
+                                r"checks every row; once the data is back, the same command goes on\)")
+    assert 1 <= step < 12 and load_checkpoint(run / "last.pth")["progress"]["step"] == step
+    (tmp_path / "videos-moved").rename(tmp_path / "videos")
+    pretrain.main([*args, "--output_dir", str(run)])
+    pretrain.main([*args, "--output_dir", str(tmp_path / "unbroken")])
+    resumed, unbroken = logged(run), logged(tmp_path / "unbroken")
+    assert [r["step"] for r in resumed] == [r["step"] for r in unbroken] == list(range(1, 13))
+    for a, b in zip(resumed, unbroken):
+        assert (a["loss"], a["lr"]) == (b["loss"], b["lr"]), a["step"]
+
+
+def test_a_killed_loader_worker_stops_every_rank_at_the_same_step_and_the_rerun_continues_exactly(
+        manifest, straight, tmp_path):
+    """Two processes; rank 1's only loader worker killed by SIGKILL (as the out-of-memory killer does) after
+    step 3. Both ranks stop after the same step, saying why in one line; the rerun equals the unbroken run."""
+    args = [*two_process_args(manifest, str(tmp_path / "run")), "--num_workers", "1"]
+    code, seconds, outputs = break_run(tmp_path, "kill", 3, 1, "-", args, processes=2)
+    assert code != 0 and seconds < EXIT_BOUND, (code, seconds)
+    message = r"loader worker \d+ was killed by SIGKILL: by the out-of-memory killer\? \(.*the same command goes on\)"
+    steps = [stopped_step(output, message) for output in outputs]
+    assert steps[0] == steps[1] and 3 <= steps[0] < STEPS
+    assert load_checkpoint(tmp_path / "run" / "last.pth")["progress"]["step"] == steps[0]
+    launch([*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(REPO / "pretrain.py"), *args])
+    resumed, unbroken = logged(tmp_path / "run"), logged(straight)
+    assert [r["step"] for r in resumed] == [r["step"] for r in unbroken] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, unbroken):
+        assert (a["loss"], a["lr"]) == (b["loss"], b["lr"]), a["step"]
+
+
+def test_an_error_escaping_the_loop_does_not_leave_the_process_waiting_on_its_loader_workers(own_copy, tmp_path):
+    """A bug's error (with its traceback) ends the process, although its loader worker ignores SIGTERM."""
+    args = [*TINY, "--data_path", str(own_copy), "--epochs", "3", "--batch_size", "2", "--num_workers", "1"]
+    code, seconds, (output,) = break_run(tmp_path, "raise", 2, 0, "-", [*args, "--output_dir", str(tmp_path / "run")])
+    assert code == 1 and seconds < EXIT_BOUND, (code, seconds)
+    assert output.strip().endswith("ValueError: an error of the step's code"), output[-3000:]
+
+
+def test_the_resume_message_says_whether_the_random_states_were_restored(manifest, preempted, tmp_path):
+    """Another batch size with the same number of processes: every state restored, and said; another number of
+    processes: none restored, and said so."""
+    common = [*TINY, "--data_path", manifest, "--epochs", "2", "--output_dir", str(tmp_path / "run")]
+    pretrain.main([*common, "--batch_size", "2", "--stop_at_step", "1"])
+    env = pretrain.Env(0, 0, 1, torch.device("cpu"), False)
+    for saved, batch_size, restored in ((tmp_path / "run" / "last.pth", "4", True),
+                                        (preempted[0] / "last.pth", "2", False)):
+        args = pretrain.build_parser().parse_args([*common, "--batch_size", batch_size, "--resume", str(saved)])
+        model = pretrain.HiCMAE(pretrain.model_config(args))
+        optimizer = pretrain.configure_optimizer(model, 0.0, 0.05, (0.9, 0.95))
+        torch.manual_seed(12345)
+        before, messages = torch.get_rng_state(), []
+        pretrain.start_state(args, env, model, optimizer, torch.amp.GradScaler(enabled=False), messages.append)
+        changed = next(m for m in messages if "per step changed from" in m)
+        if restored:
+            assert torch.equal(torch.get_rng_state(), load_checkpoint(saved)["rng"][0]["torch"])
+            assert "each process's random state is restored (as many processes as saved them)" in changed, changed
+        else:
+            assert torch.equal(torch.get_rng_state(), before)
+            assert "the random states saved by 2 processes are not restored in 1: the random streams start afresh" \
+                in changed, changed

@@ -1,5 +1,7 @@
 """On a CUDA GPU (skipped without one): the authors' tensors in float32, bf16 autocast near float32, the
 fused attention kernels, torch.compile against eager, and checkpoints moving between GPU and CPU."""
+from functools import partial
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -127,9 +129,9 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu_and_back(tmp_path):
 
 
 def test_cuda_graph_step_equals_the_eager_step(ref):
-    """pretrain.GraphedStep (3 eager warm-up steps, then one captured graph replayed) against the plain step
-    (train()'s path) from the authors' weights on the same 6 batches: every step's losses within the bf16
-    bounds of the tests above, the final weights within bf16's rounding of the eager ones."""
+    """pretrain.CudaGraphStep (3 eager warm-up steps, then one captured graph replayed) against the plain step
+    (pretrain.train_step, train()'s path) from the authors' weights on the same 6 batches: every step's losses
+    within the bf16 bounds of the tests above, the final weights within bf16's rounding of the eager ones."""
     ref, x = ref
     cfg = fixture_config(ref)
     args = pretrain.build_parser().parse_args(["--device", "cuda", "--dtype", "bf16", "--data_path", "x"])
@@ -147,20 +149,15 @@ def test_cuda_graph_step_equals_the_eager_step(ref):
         model = load_weights(HiCMAE(cfg), ref["pretrain_state_dict"]).to(CUDA).train()
         optimizer = configure_optimizer(model, 0.0, 0.05, (0.9, 0.95), device_type="cuda")
         params = list(model.parameters())
-        step = pretrain.GraphedStep(args, env, model, optimizer, compute, params) if graphed else None
         scaler = torch.amp.GradScaler(enabled=False)
+        step = partial(pretrain.train_step, model, optimizer, scaler, params, compute, args, env)
+        graph = pretrain.CudaGraphStep(step, optimizer, CUDA) if graphed else None
         losses = []
         for i, batch in enumerate(batches):
-            lr = 1e-3 * (i + 1)  # a schedule that moves: the graph reads its lr from the device
-            if graphed:
-                parts, _ = step(batch, lr)
-            else:
-                with pretrain.autocast(args, env):
-                    parts = compute(model, pretrain.to_device(batch, CUDA))
-                parts["loss"].backward()
-                pretrain.optimizer_step(optimizer, scaler, params, lr, None)
-            losses.append({k: v.item() for k, v in parts.items()})
-        assert step is None or step.graph is not None  # the last 3 steps were replays
+            pretrain.set_lr(optimizer, 1e-3 * (i + 1))  # a schedule that moves: the graph reads its lr from the device
+            parts, _ = (graph or step)([pretrain.to_device(batch, CUDA)])
+            losses.append({k: v.item() for k, v in parts[0].items()})
+        assert graph is None or graph.graph is not None  # the last 3 steps were replays
         runs.append((losses, {n: p.detach().float().clone() for n, p in model.named_parameters()}))
     (eager, eager_weights), (graph, graph_weights) = runs
     for a, b in zip(eager, graph):

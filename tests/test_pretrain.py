@@ -158,7 +158,7 @@ def test_no_host_reads_between_logging_steps(manifest, tmp_path, monkeypatch):
     """Steps that do not log never wait for the device: no tensor is read on the host there, except the
     loader's host batch (its bad-sample count) and the optimiser's step counters, host tensors too."""
     host_side = tuple(os.sep + os.path.join("torch", *part) + os.sep for part in (["optim"], ["utils", "data"]))
-    host_code = (pretrain.Meter.add_batch.__code__,)
+    host_code = (pretrain.Meter.fetched.__code__,)
     steps, reads = [0], []
 
     def counting(name):

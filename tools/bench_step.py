@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from model import (HiCMAE, HiCMAEClassifier, configure_optimizer, count_macs, patchify_audio,  # noqa: E402
                    patchify_video, to_pixels, normalize_patches)
-from pretrain import (GraphedStep, HelpFormatter, add_device_args, add_model_args, amp_dtype, autocast,  # noqa: E402
-                      make_loader, model_config, peak_memory_mb, pretraining_loss_fn, setup, to_device)
+from pretrain import (CudaGraphStep, HelpFormatter, add_device_args, add_model_args, amp_dtype, autocast,  # noqa: E402
+                      make_loader, model_config, peak_memory_mb, pretraining_loss_fn, set_lr, setup, to_device,
+                      train_step)
 
 
 def build_parser():
@@ -51,6 +53,7 @@ def build_parser():
     g.add_argument("--bench_warmup", type=int, default=10, help="untimed steps before them")
     g.add_argument("--profile", action="store_true", help="then profile 5 steps: the GPU's busy share, top kernels")
     g.add_argument("--peak_tflops", type=float, default=989.0, help="for MFU (H100 SXM and H200 dense bf16: 989)")
+    parser.set_defaults(accum_steps=1)  # pretrain.train_step's, which --cuda_graph replays
     return parser
 
 
@@ -145,7 +148,11 @@ def benchmark(args, env, cfg):
         notes.append(f"graph breaks in forward + loss: {explained.graph_break_count} (graphs: {explained.graph_count})")
     fwd = torch.compile(model, fullgraph=True) if args.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
-    graphed = GraphedStep(args, env, fwd, optimizer, compute, params) if args.cuda_graph else None
+    graphed = None
+    if args.cuda_graph:  # pretrain.py's step, without a gradient scaler (as --cuda_graph takes bf16 or fp32)
+        step = partial(train_step, fwd, optimizer, torch.amp.GradScaler(enabled=False), params, compute, args, env)
+        graphed = CudaGraphStep(step, optimizer, env.device)
+        set_lr(optimizer, 1e-4)
     model.train()
 
     def next_batch():
@@ -164,7 +171,7 @@ def benchmark(args, env, cfg):
         batch = next_batch()
         t1 = time.perf_counter()
         if graphed is not None:
-            graphed(batch, 1e-4)
+            graphed([to_device(batch, env.device)])
             return t1 - t0, time.perf_counter() - t1, 0.0, 0.0
         batch = to_device(batch, env.device)
         with autocast(args, env):
