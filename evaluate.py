@@ -361,6 +361,14 @@ def mean_over_views(x, views):
     return x.float().view(-1, views, *x.shape[1:]).mean(1).cpu()
 
 
+def test_pass(model, loader, task, device, amp=nullcontext, features=False):
+    """The multi-view test of every sample of a test loader's data set (predict): (the samples in order, their
+    targets, scores, features or None). finetune.py tests after each epoch with it, evaluate.py a checkpoint."""
+    indices, scores, feats = predict(model, loader, task, device, amp, features)
+    samples = [loader.dataset.samples[i] for i in indices.tolist()]
+    return samples, torch.tensor([s.target for s in samples]), scores, feats
+
+
 def test_loader(samples, cfg, sampling_rate, args, modality="av"):
     """The test views of samples (--num_clips x --num_crops, --test_views), batched; one recording is read
     in this process, so that its error reads as the DataError it is."""
@@ -1136,10 +1144,8 @@ def test_checkpoint(args, model, run, env, names):
     """Multi-view test of a manifest: print the metrics, write predictions.csv (and confusion.png)."""
     samples = data.read_manifest(args.data_path, args.root_map, run["task"])
     loader = test_loader(samples, model.cfg, run["sampling_rate"], args, run["modality"])
-    indices, scores, features = predict(model, loader, run["task"], env.device, lambda: autocast(args, env),
-                                        features=bool(args.features))
-    rows = [samples[i] for i in indices.tolist()]
-    targets = torch.tensor([s.target for s in rows])
+    rows, targets, scores, features = test_pass(model, loader, run["task"], env.device, lambda: autocast(args, env),
+                                                features=bool(args.features))
     output_dir = default_output_dir(args)
     os.makedirs(output_dir, exist_ok=True)
     write_file(os.path.join(output_dir, "predictions.csv"),

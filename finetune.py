@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import data
 from evaluate import (CLASSIFICATION_KEYS, CLASSIFICATION_LABELS, REGRESSION_KEYS, compute_metrics, few_label_subsets,
-                      format_metrics, metric_text, predict, write_predictions)
+                      format_metrics, metric_text, test_pass, write_predictions)
 from model import HiCMAEClassifier, HiCMAEConfig, checkpoint_config, configure_optimizer, load_checkpoint
 from pretrain import DEMO as PRETRAIN_DEMO
 from pretrain import (DEMO_EPILOG, DEMO_MODEL, HelpFormatter, Logger, add_model_args, add_training_args, autocast,
@@ -185,7 +185,7 @@ class Tester:
     best epoch by SELECTION_KEY as best.pth and predictions-best.csv."""
 
     def __init__(self, args, env, raw_model, samples, log):
-        self.args, self.env, self.model, self.samples, self.log = args, env, raw_model, samples, log
+        self.args, self.env, self.model, self.log = args, env, raw_model, log
         dataset = data.FinetuneDataset(samples, raw_model.cfg, train=False, sampling_rate=args.sampling_rate,
                                        num_clips=args.num_clips, num_crops=args.num_crops, test_views=args.test_views,
                                        modality=args.modality)
@@ -201,17 +201,16 @@ class Tester:
             self.best, self.best_epoch = best["score"], best["epoch"]
 
     def __call__(self, epoch, select=True):
-        indices, scores, _ = predict(self.model, self.loader, self.args.task, self.env.device,
-                                     lambda: autocast(self.args, self.env))
+        rows, targets, scores, _ = test_pass(self.model, self.loader, self.args.task, self.env.device,
+                                             lambda: autocast(self.args, self.env))
         self.tested = True
-        error = self.record(epoch, indices, scores, select) if self.env.master else None
+        error = self.record(epoch, rows, targets, scores, select) if self.env.master else None
         if broadcast_object(error, self.env):  # a failed save of best.pth stops every rank, in one line
             raise SystemExit(error)
 
-    def record(self, epoch, indices, scores, select):
+    def record(self, epoch, rows, targets, scores, select):
         """Rank 0: metrics, predictions and best.pth. Returns the error of a failed save, else None."""
-        args, rows = self.args, [self.samples[i] for i in indices.tolist()]
-        targets = torch.tensor([s.target for s in rows])
+        args = self.args
         metrics = compute_metrics(scores, targets, args.task, args.class_names)
         write_predictions(self.out / "predictions-last.csv", [s.video for s in rows], targets, scores, args.task,
                           args.class_names)
