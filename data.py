@@ -5,6 +5,7 @@ processes.
 """
 
 import argparse
+import itertools
 import math
 import os
 import random
@@ -381,18 +382,26 @@ def read_audio(path):
         return _decode_audio(path, stream, (p for p in container.demux(stream) if p.size)).samples
 
 
+def _mono_chunks(stream, packets):
+    """The samples of an audio stream's packets, chunk by chunk as they decode (float32 (1, n)): resampled to
+    16 kHz, the mean of the channels; the decoder and the resampler flushed at the end."""
+    resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+    for packet in itertools.chain((p for p in packets if p.size), [None]):  # as a stream: the packets one by one
+        for frame in stream.codec_context.decode(packet):
+            for out in resampler.resample(frame):
+                yield torch.from_numpy(out.to_ndarray()).mean(0, keepdim=True)
+    for out in resampler.resample(None):
+        yield torch.from_numpy(out.to_ndarray()).mean(0, keepdim=True)
+
+
 def _decode_audio(path, stream, packets):
-    """A Waveform of an audio stream's packets: resampled to 16 kHz, the mean of the channels."""
+    """A Waveform of an audio stream's packets (_mono_chunks), or DataError if it ends well before its duration."""
     with reading(path, "audio"):
-        resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
-        chunks = [out.to_ndarray() for packet in packets for frame in stream.codec_context.decode(packet)
-                  for out in resampler.resample(frame)]
-        chunks += [out.to_ndarray() for frame in stream.codec_context.decode(None) for out in resampler.resample(frame)]
-        chunks += [out.to_ndarray() for out in resampler.resample(None)]
+        chunks = list(_mono_chunks(stream, packets))
         declared = float(stream.duration * stream.time_base) if stream.duration else None
     if not chunks:
         raise DataError(f"{path}: the audio stream holds no samples")
-    waveform = torch.from_numpy(np.concatenate(chunks, axis=1)).mean(0, keepdim=True)
+    waveform = torch.cat(chunks, 1)
     seconds = waveform.shape[1] / SAMPLE_RATE
     if declared and seconds < declared - max(0.1, 0.02 * declared):
         raise DataError(f"{path}: truncated: {seconds:.2f} s of audio decoded, {declared:.2f} s declared")
@@ -516,7 +525,6 @@ def load_clips(sample, num_frames=16, sampling_rate=4, audio_frames=256, generat
 
 @dataclass
 class Window:
-    start: int  # its first tick (frame of the fixed-rate timeline)
     start_s: float  # seconds, on the recording's clock
     end_s: float  # start_s + the span of a clip (num_frames x stride ticks): its audio's end
     ticks: list[int] | None  # the ticks of its frames (None: no video read)
@@ -526,7 +534,7 @@ class Window:
 
 class AudioStream:
     """The 16 kHz mono samples of a file's first audio stream, decoded as far as a window asks and forgotten
-    before the next window: memory for a window or two whatever the length. Decoded as _decode_audio does."""
+    before the next window: memory for a window or two whatever the length (_mono_chunks, as _decode_audio)."""
 
     def __init__(self, path):
         self.path = path
@@ -537,24 +545,17 @@ class AudioStream:
             if not self.container.streams.audio:
                 self.container.close()
                 raise DataError(f"{path}: no audio stream ({AUDIO_HINT})")
-            self.stream = self.container.streams.audio[0]
-            self.packets = self.container.demux(self.stream)
-            self.resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+            stream = self.container.streams.audio[0]
+            self.chunks_to_come = _mono_chunks(stream, self.container.demux(stream))
         self.chunks, self.first, self.end = [], 0, 0  # the samples held: [first, end)
         self.ended = False
 
     def _decode_more(self):
         with reading(self.path, "audio"):
-            packet = next(self.packets, None)
-            while packet is not None and not packet.size:
-                packet = next(self.packets, None)
-            frames = self.stream.codec_context.decode(packet)
-            outs = [out for frame in frames for out in self.resampler.resample(frame)]
-            if packet is None:  # the end: what the resampler holds
-                outs += self.resampler.resample(None)
-                self.ended = True
-        for out in outs:
-            chunk = torch.from_numpy(out.to_ndarray()).mean(0, keepdim=True)
+            chunk = next(self.chunks_to_come, None)
+        if chunk is None:
+            self.ended = True
+        else:
             self.chunks.append(chunk)
             self.end += chunk.shape[1]
 
@@ -650,18 +651,21 @@ class Recording:
             audio.forget_before(self.samples(tick))
 
     def _window(self, start, start_s, ring, audio, to_rgb):
-        """The window from tick `start` (ring: the span's (seconds, frame) by tick, None for no video)."""
+        """The window from tick `start` (ring: the span's frames by tick, av.VideoFrame, frame file or RGB once
+        converted; None for no video)."""
         frames = ticks = waveform = None
         if ring is not None:
             ticks = [start + self.stride * j for j in range(self.num_frames)]
-            frames = [_rgb(ring[t], to_rgb) for t in ticks]
+            for t in ticks:  # converted once, though windows overlap
+                ring[t] = ring[t] if isinstance(ring[t], np.ndarray) else _rgb(ring[t], to_rgb)
+            frames = [ring[t] for t in ticks]
         if audio is not None:
             first, stop = self.samples(start), self.samples(start + self.span)
             waveform = audio.window(first, stop)
             if waveform.shape[1] <= MIN_AUDIO_SAMPLES:
                 raise DataError(f"{self.audio_path}: {waveform.shape[1]} audio samples for the window at "
                                 f"{start_s:.2f} s; is the audio shorter than the video?")
-        return Window(start, start_s, start_s + self.span / self.fps, ticks, frames, waveform)
+        return Window(start_s, start_s + self.span / self.fps, ticks, frames, waveform)
 
     def _video_windows(self, audio):
         reader = _ticks_of_folder if os.path.isdir(self.video) else _ticks_of_video
